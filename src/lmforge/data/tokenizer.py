@@ -1,0 +1,151 @@
+"""Stage `tokenizer`: train a byte-level BPE tokenizer, or reuse a local one.
+
+Byte-level means every string round-trips exactly (no unknown characters), and a
+`vocab_size` of 256 + the special tokens gives a pure byte tokenizer (no merges) for
+character-level experiments. The result is a Hugging Face tokenizer folder, with lmforge's
+chat template, that `AutoTokenizer.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from lmforge.config import Schema
+from lmforge.data.chat import BOS, CHAT_TEMPLATE, EOS, PAD, ROLE_TOKENS, SPECIAL_TOKENS, UNK
+from lmforge.data.corpus import iter_texts
+from lmforge.errors import LmforgeError
+from lmforge.rundir import RunDir, atomic_write_json, replace_dir, resolve_artifact
+
+ARTIFACT = "tokenizer"
+PROVIDES = ("tokenizer",)
+INPUTS = {"data": "data", "corpus": None, "reuse": None}
+N_BYTES = 256
+
+
+class Config(Schema):
+    data: str | None = Field(
+        None, description="Curated data (a curate stage folder or its data/ folder); its validation split "
+        "measures compression, and its train split is the training text unless `corpus` is set."
+    )
+    corpus: list[str] | None = Field(
+        None, description="Train on these files/globs (JSONL/Parquet/CSV/text) instead of the curated train "
+        "split, e.g. text from a separate world so no training entity becomes a single token."
+    )
+    text_field: str = Field("text", description="Column holding the text in structured `corpus` files.")
+    vocab_size: int = Field(4096, ge=1, le=1_000_000, description="Total vocabulary incl. 256 bytes and special tokens.")
+    min_frequency: int = Field(2, ge=1, description="A merge must occur at least this often in the training text.")
+    max_train_docs: int | None = Field(None, ge=1, description="Train on at most this many documents (None = all).")
+    extra_special_tokens: list[str] = Field(default_factory=list, description="More special tokens to reserve.")
+    reuse: str | None = Field(
+        None, description="Copy an existing local HF tokenizer folder instead of training (its own chat template is kept)."
+    )
+    eval_docs: int = Field(2000, ge=1, description="Validation documents used to measure bytes per token.")
+
+    @model_validator(mode="after")
+    def _vocab_fits(self) -> "Config":
+        need = N_BYTES + len(SPECIAL_TOKENS) + len(self.extra_special_tokens)
+        if self.reuse is None and self.vocab_size < need:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} is smaller than the 256 byte symbols plus "
+                f"{len(SPECIAL_TOKENS) + len(self.extra_special_tokens)} special tokens; use at least {need}"
+            )
+        return self
+
+
+def train_tokenizer(texts: Iterator[str], cfg: Config):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS + cfg.extra_special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        extra_special_tokens=list(ROLE_TOKENS.values()) + cfg.extra_special_tokens,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer from a tokenizer folder, a model folder, or a stage folder."""
+    from transformers import AutoTokenizer
+
+    p = resolve_artifact(path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # transformers raises OSError/ValueError/... for a wrong folder
+        raise LmforgeError(f"No Hugging Face tokenizer could be loaded from {p} ({str(e).splitlines()[0]}).") from None
+    if tok.eos_token_id is None:
+        raise LmforgeError(f"Tokenizer {p} defines no EOS token; lmforge needs one to separate documents.")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # safe: padded positions are always masked out of losses
+    return tok
+
+
+def bytes_per_token(tok, texts: Iterator[str]) -> tuple[float, int, int]:
+    n_bytes = n_tokens = 0
+    for t in texts:
+        n_bytes += len(t.encode("utf-8"))
+        n_tokens += len(tok(t, add_special_tokens=False)["input_ids"])
+    return (n_bytes / n_tokens if n_tokens else float("nan")), n_bytes, n_tokens
+
+
+def _training_texts(cfg: Config) -> Iterator[str]:
+    if cfg.corpus:
+        from lmforge.data.formats import iter_texts as iter_file_texts
+
+        texts = iter_file_texts(cfg.corpus, text_field=cfg.text_field)
+    elif cfg.data:
+        texts = iter_texts(cfg.data, "train")
+    else:
+        raise LmforgeError("The tokenizer stage needs `data` (a curated data folder) or `corpus` (files) to train on.")
+    return itertools.islice(texts, cfg.max_train_docs) if cfg.max_train_docs else texts
+
+
+def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
+    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".tokenizer."))
+    try:
+        if cfg.reuse:
+            src = resolve_artifact(cfg.reuse, "tokenizer folder")
+            tok = load_tokenizer(src)
+            tok.save_pretrained(str(tmp))
+            rd.log(f"reused tokenizer from {src}")
+        else:
+            tok = train_tokenizer(_training_texts(cfg), cfg)
+            tok.save_pretrained(str(tmp))
+        summary: dict = {"vocab_size": len(tok)}
+        if cfg.data:
+            val = itertools.islice(iter_texts(cfg.data, "validation", required=False), cfg.eval_docs)
+            bpt, nb, nt = bytes_per_token(tok, val)
+            summary.update(val_bytes_per_token=round(bpt, 4), val_bytes=nb, val_tokens=nt)
+        atomic_write_json(tmp / "lmforge_tokenizer_report.json", summary)
+        replace_dir(tmp, rd.artifact)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    msg = f"tokenizer: vocab {summary['vocab_size']}"
+    if "val_bytes_per_token" in summary:
+        msg += f", {summary['val_bytes_per_token']:.3f} bytes/token on validation"
+    print(msg)
+    rd.log(msg)
+    return summary
