@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, Preempted
 
 app = typer.Typer(
     add_completion=False,
@@ -99,6 +99,9 @@ def _print_schema(model, prefix: str) -> None:
 def main() -> None:
     try:
         app(standalone_mode=False)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, what a scheduler expects from a preempted job
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

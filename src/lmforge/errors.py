@@ -12,3 +12,7 @@ class LmforgeError(Exception):
 
 class StopRun(LmforgeError):
     """Training stopped on purpose before an unsafe update (non-finite loss or gradient)."""
+
+
+class Preempted(LmforgeError):
+    """SIGTERM arrived: a checkpoint was saved at the step boundary and the run stopped."""

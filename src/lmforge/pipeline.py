@@ -21,6 +21,7 @@ import glob
 import hashlib
 import importlib
 import json
+import os
 import shutil
 import time
 import uuid
@@ -146,8 +147,20 @@ def plan(recipe: Recipe, *, where: str, overrides: list[str] = ()) -> list[Plann
     return out
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (they set RANK), or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_stage(st: PlannedStage, *, force: bool = False, resume: bool = True, echo=print) -> dict:
-    """Run one planned stage with skip/resume semantics; returns the manifest."""
+    """Run one planned stage with skip/resume semantics; returns the manifest.
+
+    Under several processes every rank runs the stage (training is collective), but only
+    rank 0 touches the run folder's manifest, config and old files.
+    """
+    main = is_main_process()
+    if not main:
+        echo = _silent
     h = input_hash(st.kind, st.module, st.cfg)
     m = read_manifest(st.rd.path)
     if m and not force and m.get("input_hash") == h and m.get("status") == "complete":
@@ -159,17 +172,20 @@ def run_stage(st: PlannedStage, *, force: bool = False, resume: bool = True, ech
         why = "--force" if force else ("no --resume" if same_inputs else "inputs or config changed")
         if m:
             echo(f"[{st.name}] {why}: starting this stage afresh.")
-        for child in ("checkpoints", "metrics.jsonl", "log.txt"):
+        for child in ("checkpoints", "metrics.jsonl", "log.txt", "tensorboard") if main else ():
             p = st.rd.path / child
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    st.rd.write_config(st.cfg)
-    st.rd.write_manifest(stage=st.kind, name=st.name, input_hash=h, status="running", output_id=None)
+    if main:
+        st.rd.write_config(st.cfg)
+        st.rd.write_manifest(stage=st.kind, name=st.name, input_hash=h, status="running", output_id=None)
     t0 = time.time()
     summary = st.module.run(st.cfg, st.rd, resume=bool(resume and same_inputs and not force)) or {}
     wall = time.time() - t0
+    if not main:
+        return summary
     st.rd.write_manifest(
         status="complete",
         output_id=hashlib.sha256(f"{h}:{uuid.uuid4()}".encode()).hexdigest(),
@@ -179,6 +195,10 @@ def run_stage(st: PlannedStage, *, force: bool = False, resume: bool = True, ech
     )
     echo(f"[{st.name}] done in {wall:.1f}s -> {st.rd.artifact}")
     return st.rd.manifest() or {}
+
+
+def _silent(*_a, **_k) -> None:
+    pass
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:

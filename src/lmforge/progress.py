@@ -18,8 +18,9 @@ class Progress:
     is printed every `every` updates and at the end, so CI logs stay readable.
     """
 
-    def __init__(self, label: str, total: int, *, start: int = 0, every: int = 10, stream=None):
+    def __init__(self, label: str, total: int, *, start: int = 0, every: int = 10, stream=None, enabled: bool = True):
         self.label, self.total, self.every = label, total, max(1, every)
+        self.enabled = enabled  # False on non-zero ranks: one process reports for all
         self.stream = stream or sys.stdout
         self.start_step = start
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -28,7 +29,7 @@ class Progress:
         self._last = start
 
     def __enter__(self) -> "Progress":
-        if self.tty:
+        if self.tty and self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
@@ -45,6 +46,8 @@ class Progress:
     def update(self, step: int, **fields: float | str) -> None:
         info = "  ".join(_fmt_field(k, v) for k, v in fields.items())
         self._last = step
+        if not self.enabled:
+            return
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
         elif step % self.every == 0 or step == self.total:

@@ -29,14 +29,10 @@ from typing import Any, Protocol
 import torch
 
 from lmforge.config import TrainConfig
-from lmforge.errors import LmforgeError, StopRun
+from lmforge.errors import LmforgeError, Preempted, StopRun
 from lmforge.progress import Progress
 from lmforge.rundir import RunDir, atomic_write_json
 from lmforge.train import checkpoint as ckpt
-
-
-class Preempted(LmforgeError):
-    """SIGTERM arrived: a checkpoint was saved at the step boundary and the run stopped."""
 
 
 @dataclass
@@ -193,7 +189,8 @@ def train(
         if main:
             rd.truncate_metrics(step)
             rd.log(f"resumed from {latest.name}")
-        print(f"[{label}] resumed from checkpoint {latest} at step {step}")
+        if main:
+            print(f"[{label}] resumed from checkpoint {latest} at step {step}")
 
     writer = None
     if main and cfg.tensorboard:
@@ -236,7 +233,7 @@ def train(
     t_start = time.time()
     t_log, tokens_since_log, tokens_total, train_loss = time.time(), 0, 0, None
     model.train()
-    with _SigtermFlag() as sigterm, Progress(label, cfg.max_steps, start=step, every=cfg.log_every) as prog:
+    with _SigtermFlag() as sigterm, Progress(label, cfg.max_steps, start=step, every=cfg.log_every, enabled=main) as prog:
         while step < cfg.max_steps:
             base = step * per_step
             micro = [
@@ -325,8 +322,10 @@ def train(
     wall = time.time() - t_start
     if writer is not None:
         writer.close()
-    if cfg.keep_best and best_step is not None and (rd.checkpoints / "best").is_dir():
-        acc.wait_for_everyone()
+    # Every process reaches this barrier (no file-system-dependent branches before it), then
+    # loads the best weights rank 0 saved: best_step is the same on all ranks.
+    acc.wait_for_everyone()
+    if cfg.keep_best and best_step is not None:
         _load_best(rd.checkpoints, model)
     return TrainResult(
         step=step, best_val_loss=None if best_step is None else best, best_step=best_step, last_eval=last_eval,

@@ -98,8 +98,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     check_compatible(model, tokenizer, seq_len, where="pretrain.seq_len")
     total, trainable = count_parameters(model)
     msg = f"pretrain: {total:,} parameters ({trainable:,} trainable), seq_len {seq_len}, device {acc.device}"
-    print(msg)
-    rd.log(msg)
+    if acc.is_main_process:
+        print(msg)
+        rd.log(msg)
 
     with acc.main_process_first():  # one process tokenises; the others then read its files
         train_bin = token_file(cfg.data, "train", tokenizer, rd.path / "tokens")
