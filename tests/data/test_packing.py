@@ -1,0 +1,80 @@
+"""Packing: no padding, EOS at document boundaries, blocks cover the corpus, seeded order."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from lmforge.data.packing import PackedBlocks, bits_per_byte, load_tokens, token_byte_lengths, token_file
+from lmforge.data.tokenizer import Config, train_tokenizer
+from lmforge.errors import LmforgeError
+
+DOCS = [f"document number {i} says {'hello ' * (i % 5)}and ends." for i in range(50)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pack")
+    (root / "data").mkdir()
+    pq.write_table(pa.table({"text": DOCS}), root / "data" / "train-00000.parquet")
+    tok = train_tokenizer(iter(DOCS), Config(vocab_size=300))
+    tok.save_pretrained(str(root / "tok"))
+    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
+    path = token_file(root / "data", "train", tok, root / "tokens")
+    return tok, load_tokens(path)
+
+
+def test_token_file_is_docs_joined_by_eos(setup):
+    tok, tokens = setup
+    expected = [t for d in DOCS for t in (*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+    assert tokens.tolist() == expected
+    assert tok.pad_token_id not in set(tokens.tolist())  # no padding anywhere
+    eos_at = np.flatnonzero(tokens == tok.eos_token_id)
+    assert len(eos_at) == len(DOCS) and eos_at[-1] == len(tokens) - 1
+
+
+def test_blocks_cover_the_corpus_without_padding(setup):
+    _, tokens = setup
+    T = 16
+    blocks = PackedBlocks(tokens, T, seed=0, shuffle=False)
+    assert blocks.n_blocks == (len(tokens) - 1) // T
+    b = blocks.batch(0, blocks.n_blocks)
+    assert b["input_ids"].shape == (blocks.n_blocks, T) and b["n"] == blocks.n_blocks * T
+    # inputs, in order, are the corpus; targets are the inputs shifted by one
+    assert b["input_ids"].flatten().tolist() == tokens[: blocks.n_blocks * T].tolist()
+    assert b["labels"].flatten().tolist() == tokens[1 : blocks.n_blocks * T + 1].tolist()
+    assert len(tokens) - blocks.n_blocks * T - 1 < T  # only a partial final block is left out
+
+
+def test_seeded_order_is_a_permutation_per_epoch(setup):
+    _, tokens = setup
+    blocks = PackedBlocks(tokens, 8, seed=3)
+    n = blocks.n_blocks
+    epoch0 = [blocks.index_at(p) for p in range(n)]
+    epoch1 = [blocks.index_at(p) for p in range(n, 2 * n)]
+    assert sorted(epoch0) == list(range(n)) and sorted(epoch1) == list(range(n))
+    assert epoch0 != list(range(n)) and epoch0 != epoch1
+    again = PackedBlocks(tokens, 8, seed=3)
+    assert [again.index_at(p) for p in range(2 * n - 1, -1, -1)] == (epoch0 + epoch1)[::-1]  # any access order
+
+
+def test_too_little_data_is_one_sentence(setup):
+    _, tokens = setup
+    with pytest.raises(LmforgeError, match="fewer than one block of seq_len"):
+        PackedBlocks(tokens[:10], 16, seed=0, what="validation")
+
+
+def test_bits_per_byte_uses_exact_token_byte_lengths(setup):
+    tok, _ = setup
+    lengths = token_byte_lengths(tok)
+    text = "document number 7 says é"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert int(lengths[torch.tensor(ids)].sum()) == len(text.encode("utf-8"))
+    assert lengths[tok.eos_token_id] == 0
+    assert bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
