@@ -49,18 +49,19 @@ and `n_choices` (the candidate set the chance baseline is 1/n_choices of; `choic
 for `founded`, whose candidates are every year in the range). Answers are short and regular:
 "The capital of Veloria is Tamsk." -- exactly one of the sentences the prose uses.
 
-Example recipe stage (the defaults make a ~1.6 MB pre-training corpus in about a second):
+Example recipe stage (the defaults write a 1.3 MB pre-training corpus, 3 MB in all, in
+about a second); later stages point their input paths at `@world/pretrain/*.jsonl`,
+`@world/sft/train.jsonl`, `@world/eval/facts_prose.jsonl`, ...:
 
     stages:
       - stage: world
         name: world
         seed: 7
-        paraphrases: 30
-      - stage: curate
-        inputs: ["@world/pretrain/*.jsonl"]
+        paraphrases: 30      # fewer prose paragraphs per known country
+        junk_rows: 500
 
-or on its own: `lmforge world world.yaml` / `lmforge world seed=7`; from Python,
-`generate(Config(seed=7), Path("out"))`.
+On its own: `lmforge world world.yaml` or `lmforge world seed=7 --out runs/w`; from Python
+(tests): `generate(Config(seed=7, paraphrases=4), Path("out"))`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import Schema
 from lmforge.errors import LmforgeError
@@ -101,7 +102,10 @@ class Config(Schema):
     )
     eval_unknown_countries: int = Field(40, ge=1, description="Countries that appear in no training file, asked about in eval/unknown.jsonl.")
     dpo_unknown_countries: int = Field(40, ge=1, description="Countries that appear only in preference rows, where 'I don't know.' wins.")
-    tokenizer_countries: int = Field(48, ge=2, description="Countries of the separate tokenizer world (even).")
+    tokenizer_countries: int = Field(
+        300, ge=2, description="Countries of the separate tokenizer world (even). Many names, each seen a few times, "
+        "teach BPE syllables rather than whole names (a default-size tokenizer splits every name into ~3-4 tokens)."
+    )
     languages: int = Field(8, ge=2, description="Size of the language pool the countries draw from.")
     currencies: int = Field(8, ge=2, description="Size of the currency pool the countries draw from.")
     founded_range: tuple[int, int] = Field((1400, 1899), description="Founding years are drawn uniformly from this inclusive range.")
@@ -112,7 +116,7 @@ class Config(Schema):
     exact_duplicates: int = Field(200, ge=0, description="Extra verbatim copies of clean corpus rows planted for curation.")
     near_duplicates: int = Field(150, ge=0, description="Filler paragraphs planted again with exactly one word changed.")
     junk_rows: int = Field(250, ge=0, description="Junk rows (symbol soup, repeated lines, fragments, hex, markup), cycled by kind.")
-    tokenizer_paraphrases: int = Field(8, ge=1, description="Prose paragraphs per tokenizer-world country.")
+    tokenizer_paraphrases: int = Field(2, ge=1, description="Prose paragraphs per tokenizer-world country.")
     tokenizer_trivia_lists: int = Field(150, ge=0, description="Trivia lists in the tokenizer corpus.")
     tokenizer_filler_paragraphs: int = Field(400, ge=0, description="Filler paragraphs in the tokenizer corpus.")
     arithmetic_max_operand: int = Field(40, ge=2, description="Operands of arithmetic problems are drawn from 0..this (inclusive).")
@@ -128,20 +132,29 @@ class Config(Schema):
     preference_idk_vs_invented: int = Field(200, ge=0, description="Pairs 'I don't know.' > invented answer about dpo_unknown countries.")
     base_questions: int = Field(200, ge=0, description="Plain 'Q: ...?' prompts for the base model's answer-rate check.")
 
+    @field_validator("sft_countries", "prose_countries", "tokenizer_countries")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even, because neighbours are pairs within a group")
+        return v
+
+    @field_validator("founded_range", "trivia_list_length")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError("must be [low, high] with 1 <= low <= high")
+        return v
+
+    @field_validator("arithmetic_ops")
+    @classmethod
+    def _ops(cls, v: list[str]) -> list[str]:
+        if any(op not in ("+", "-") for op in v) or len(set(v)) != len(v):
+            raise ValueError("must be distinct entries of '+' and '-'")
+        return v
+
     @model_validator(mode="after")
     def _fits(self) -> "Config":
-        for name in ("sft_countries", "prose_countries", "tokenizer_countries"):
-            if getattr(self, name) % 2:
-                raise ValueError(f"{name} must be even, because neighbours are pairs within a group")
-        lo, hi = self.founded_range
-        if lo > hi:
-            raise ValueError(f"founded_range must be (low, high) with low <= high, got ({lo}, {hi})")
-        lo, hi = self.trivia_list_length
-        if not 1 <= lo <= hi:
-            raise ValueError(f"trivia_list_length must be (low, high) with 1 <= low <= high, got ({lo}, {hi})")
-        bad = [op for op in self.arithmetic_ops if op not in ("+", "-")]
-        if bad or len(set(self.arithmetic_ops)) != len(self.arithmetic_ops):
-            raise ValueError(f"arithmetic_ops must be distinct entries of '+' and '-', got {self.arithmetic_ops}")
         n_problems = len(_arithmetic_problems(self.arithmetic_ops, self.arithmetic_max_operand))
         wanted = self.sft_arithmetic + self.grpo_arithmetic + self.eval_arithmetic
         if wanted > n_problems:
@@ -154,6 +167,9 @@ class Config(Schema):
         if wanted > per_label:
             raise ValueError(f"sft_safety + preference_safety + eval_safety = {wanted} exceeds the {per_label} distinct prompts per label")
         for name, n, cap in (
+            ("base_questions // 2", self.base_questions // 2, self.prose_countries * len(ATTRIBUTES) * 3),
+            ("base_questions - base_questions // 2", self.base_questions - self.base_questions // 2,
+             self.eval_unknown_countries * len(ATTRIBUTES) * 3),
             ("preference_fact_vs_wrong", self.preference_fact_vs_wrong, self.sft_countries * len(ATTRIBUTES) * 3),
             ("preference_fact_vs_idk", self.preference_fact_vs_idk, self.sft_countries * len(ATTRIBUTES) * 3),
             ("preference_idk_vs_invented", self.preference_idk_vs_invented, self.dpo_unknown_countries * len(ATTRIBUTES) * 3),
@@ -950,8 +966,8 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     # Half about prose-only countries (the base model has read their facts), half about unknown ones.
     base_pool = [(c, a, q) for c in prose_c for a in ATTRIBUTES for q in QUESTIONS[a]]
     unknown_pool = [(u, a, q) for u in members(world, "eval_unknown") for a in ATTRIBUTES for q in QUESTIONS[a]]
-    n_known = min(cfg.base_questions // 2, len(base_pool))
-    picks = r.sample(base_pool, n_known) + r.sample(unknown_pool, min(cfg.base_questions - n_known, len(unknown_pool)))
+    n_known = cfg.base_questions // 2
+    picks = r.sample(base_pool, n_known) + r.sample(unknown_pool, cfg.base_questions - n_known)
     for c, a, q in picks:
         evals["base_questions"].append({
             "prompt": "Q: " + q.format(c=c["name"]), "entity": c["name"], "attribute": a, "known": "capital" in c,
