@@ -10,15 +10,16 @@ Formats, chosen by extension (a trailing `.gz` is decompressed on the fly):
 
     .jsonl .ndjson .json   one JSON object per line (a .json file holding one JSON array of
                            objects is also accepted; it is parsed whole, so it must fit in memory)
-    .parquet               read by batches within row groups (memory ~ one batch)
+    .parquet               read batch by batch (memory ~ one row group, decompressed)
     .csv .tsv              first row is the header
     .txt .md               text_mode "file": the whole file is one record {"text": ...};
                            text_mode "blocks": one record per blank-line-separated block
     a folder written by `datasets.save_to_disk` (Dataset or DatasetDict; memory-mapped)
-    any other folder       every readable file under it, recursively, in name order
+    any other folder       every file under it with an extension above, recursively, in name
+                           order (other files, e.g. a README, are left out)
 
-Everything is lazy: records are produced one at a time, so memory stays bounded by one
-batch (Parquet, `datasets`) or one line/block, never by the corpus.
+Everything is lazy: records are produced one at a time, so memory stays bounded by one row
+group (Parquet), one batch (`datasets`) or one line/block, never by the corpus.
 
 Each record carries its source and 1-based position (`where` reads "data/a.jsonl line 7"), so
 every complaint can name the culprit. A malformed row raises `LmforgeError`, or with
