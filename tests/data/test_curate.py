@@ -107,6 +107,11 @@ RULES = [  # (setting, failing doc, expected (rule, detail), passing doc)
      "fruit list\n- apples\n- pears\n- plums\n- kiwis\n- limes\n- figs\n- dates\n- grapes\n- melons"),
     ({"max_ellipsis_lines_frac": 0.3}, "one line...\ntwo line\nthree line…",
      ("ellipsis_lines", "lines ending in an ellipsis 0.667 > 0.3"), "one line...\ntwo line\nthree line\nfour"),
+    # Gopher's stop-word rule catches markup and hex dumps that pass every other rule
+    ({"min_stop_words": 2}, '<div class="nav"><ul><li><a href="/p/1">Home</a></li><li><a href="/p/2">Top</a></li>',
+     ("stop_words", "0 stop words < 2"), "The capital of Veloria is Tamsk, and it lies by the sea."),
+    ({"min_stop_words": 2}, "4c3e387f eb12c4cd b3cd0f65 ff0de5f0 52745bb2 2606914a 3d36fcf8",
+     ("stop_words", "0 stop words < 2"), "Some of the hex: 4c3e387f eb12c4cd b3cd0f65 ff0de5f0"),
     ({"min_alpha_words_frac": 0.8}, "in 2021 about 45 % of 300 people", ("alpha_words", "words with a letter 0.500 < 0.8"),
      "in 2021 about half of all people"),
     ({"max_dup_line_frac": 0.3}, "alpha\nbeta\nalpha\nbeta", ("dup_line_frac", "repeated lines 0.500 > 0.3"),

@@ -89,6 +89,10 @@ class QualityConfig(Schema):
     min_alpha_words_frac: float | None = Field(
         None, ge=0, le=1, description="Remove documents where fewer words than this contain a letter (Gopher: 0.8; "
         "off by default because numbers and code fail it).")
+    min_stop_words: int | None = Field(
+        None, ge=0, description="Remove documents containing fewer than this many English stop words (the, be, to, of, "
+        "and, that, have, with; Gopher: 2). Catches markup, hex dumps and keyword lists; off by default because it "
+        "removes every non-English document.")
     max_dup_line_frac: float | None = Field(
         0.3, ge=0, le=1, description="Remove documents where more than this fraction of non-empty lines repeat an earlier line.")
     max_dup_line_chars_frac: float | None = Field(
@@ -297,6 +301,11 @@ def dup_ngram_frac(g: np.ndarray, n: int, word_chars: np.ndarray) -> float:
     return float(word_chars[covered].sum() / word_chars.sum())
 
 
+# Gopher's stop-word rule (Rae et al. 2021, A.1.1): real English prose has at least two of these.
+_STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+_STOP_STRIP = ".,;:!?\"'()[]{}"
+
+
 def quality_failure(text: str, q: QualityConfig) -> tuple[str, str] | None:
     """The first rule `text` fails, as (rule, measured value vs limit), or None if it passes.
 
@@ -334,6 +343,10 @@ def quality_failure(text: str, q: QualityConfig) -> tuple[str, str] | None:
         frac = sum(ln.endswith(_ELLIPSES) for ln in lines) / len(lines)
         if frac > q.max_ellipsis_lines_frac:
             return "ellipsis_lines", f"lines ending in an ellipsis {frac:.3f} > {q.max_ellipsis_lines_frac:g}"
+    if q.min_stop_words is not None:
+        found = sum(1 for w in words if w.lower().strip(_STOP_STRIP) in _STOP_WORDS)
+        if found < q.min_stop_words:
+            return "stop_words", f"{found} stop words < {q.min_stop_words}"
     if q.min_alpha_words_frac is not None:
         frac = sum(1 for w in words if _LETTER.search(w)) / n
         if frac < q.min_alpha_words_frac:
@@ -382,6 +395,7 @@ def rule_setting(rule: str, cfg: Config) -> tuple[str, object]:
         return f"quality.max_dup_ngram_frac.{m[1]}", q.max_dup_ngram_frac[int(m[1])]
     key = {"symbol_word_ratio": "max_symbol_word_ratio", "bullet_lines": "max_bullet_lines_frac",
            "ellipsis_lines": "max_ellipsis_lines_frac", "alpha_words": "min_alpha_words_frac",
+           "stop_words": "min_stop_words",
            "dup_line_frac": "max_dup_line_frac", "dup_line_chars_frac": "max_dup_line_chars_frac",
            "dup_para_frac": "max_dup_para_frac", "dup_para_chars_frac": "max_dup_para_chars_frac"}.get(rule, rule)
     if key in QualityConfig.model_fields:
@@ -891,7 +905,8 @@ def _rules(cfg: Config) -> list[str]:
         for rule, setting in (("min_words", q.min_words), ("max_words", q.max_words), ("min_chars", q.min_chars),
                               ("max_chars", q.max_chars), ("mean_word_length", q.mean_word_length),
                               ("symbol_word_ratio", q.max_symbol_word_ratio), ("bullet_lines", q.max_bullet_lines_frac),
-                              ("ellipsis_lines", q.max_ellipsis_lines_frac), ("alpha_words", q.min_alpha_words_frac),
+                              ("ellipsis_lines", q.max_ellipsis_lines_frac), ("stop_words", q.min_stop_words),
+                              ("alpha_words", q.min_alpha_words_frac),
                               ("dup_line_frac", q.max_dup_line_frac), ("dup_line_chars_frac", q.max_dup_line_chars_frac),
                               ("dup_para_frac", q.max_dup_para_frac), ("dup_para_chars_frac", q.max_dup_para_chars_frac)):
             if setting is not None:
