@@ -38,9 +38,16 @@ from lmforge.rundir import RunDir, fingerprint_path, read_manifest
 
 # Stage type -> module. Imported lazily: `lmforge --help` must not pay for torch.
 STAGES: dict[str, str] = {
+    "world": "lmforge.data.world",
     "curate": "lmforge.data.curate",
     "tokenizer": "lmforge.data.tokenizer",
     "pretrain": "lmforge.train.pretrain",
+    "reward": "lmforge.train.reward",
+    "dpo": "lmforge.train.dpo",
+    "rejection": "lmforge.train.rejection",
+    "sft": "lmforge.train.sft",
+    "eval": "lmforge.eval.stage",
+    "report": "lmforge.report",
 }
 
 
@@ -75,7 +82,7 @@ class PlannedStage:
 def _stage_paths(value: Any) -> list[str]:
     if value is None:
         return []
-    vals = value if isinstance(value, list) else [value]
+    vals = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
     out: list[str] = []
     for v in vals:
         s = str(v)
@@ -134,6 +141,8 @@ def plan(recipe: Recipe, *, where: str, overrides: list[str] = ()) -> list[Plann
             val = entry.get(field)
             if isinstance(val, list):
                 entry[field] = [_resolve_ref(v, root, planned_art, where, f"stages.{i}.{field}") for v in val]
+            elif isinstance(val, dict):  # {name: path}, e.g. eval's models: {sft: "@sft"}
+                entry[field] = {k: _resolve_ref(v, root, planned_art, where, f"stages.{i}.{field}.{k}") for k, v in val.items()}
             elif isinstance(val, str):
                 entry[field] = _resolve_ref(val, root, planned_art, where, f"stages.{i}.{field}")
             elif val is None and needs is not None and needs in provided:

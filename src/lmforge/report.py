@@ -1,0 +1,428 @@
+"""The run report: `runs/<name>/report.md` and `report.html`, rebuilt from the run folder alone.
+
+    runs/<name>/<stage>/manifest.json, metrics.jsonl   every stage: status, wall time, summary, curves
+    runs/<name>/<eval>/eval/results.json, answers.jsonl  every metric per model, every answer
+        ──collect──> sections ──render──> report.md (figures in report_figures/*.png)
+                                        └─> report.html (one self-contained file, figures inlined)
+
+Sections: the machine, stages (wall time, tokens/s), curation counts per rule, tokenizer
+compression, loss curves per training stage, every metric per model side by side with 95%
+intervals and deltas against the previous model, regression gates and the pipeline's output,
+the same prompts answered by each model, and the sampling parameters used.
+
+As the last stage of a recipe (`- stage: report`) or on its own: `lmforge report RUN_DIR`.
+Nothing here re-runs a model: a report can be rebuilt at any time, also after a failed gate.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from lmforge.config import Schema
+from lmforge.errors import LmforgeError
+from lmforge.rundir import RunDir, atomic_write_json, atomic_write_text, read_manifest, replace_dir
+
+ARTIFACT = "report"
+PROVIDES = ("report",)
+# `eval` is auto-filled with the newest eval stage only so that a re-run eval re-runs the report.
+INPUTS = {"eval": "eval"}
+FIGURES = "report_figures"
+
+
+class Config(Schema):
+    run_dir: str | None = Field(None, description="The run folder to report on; None = the folder holding this stage.")
+    eval: str | None = Field(None, description="An eval stage folder (filled in by the recipe runner: when it changes, "
+                             "the report is rebuilt). Every eval stage in the run folder is reported either way.")
+    examples_per_task: int = Field(2, ge=0, description="Prompts per generation task shown with every model's answer.")
+    answer_chars: int = Field(300, ge=20, description="Longest answer text shown; longer answers are cut with '...'.")
+
+
+def machine_info() -> dict:
+    """What this process runs on: OS, CPU, memory, Python, torch and the accelerators it sees."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["cuda"] = torch.version.cuda
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------------------------
+# Collecting what the run folder holds
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a crash can cut the last line of an append-only log
+    return out
+
+
+def collect(run_dir: Path) -> dict:
+    """Every stage folder of the run (in the order they finished) and every eval result."""
+    if not run_dir.is_dir():
+        raise LmforgeError(f"Run folder {run_dir} does not exist; give the folder a recipe wrote (runs/<name>).")
+    stages = []
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        m = read_manifest(d)
+        if m is None:
+            continue
+        stages.append({"name": d.name, "path": d, "kind": m.get("stage", "?"), "status": m.get("status", "?"),
+                       "wall_seconds": m.get("wall_seconds"), "summary": m.get("summary") or {},
+                       "finished": m.get("finished") or "", "artifact": d / m.get("artifact", ""),
+                       "metrics": _read_jsonl(d / "metrics.jsonl")})
+    if not stages:
+        raise LmforgeError(f"{run_dir} holds no stage folders (none has a manifest.json); run a recipe into it first.")
+    # Finished stages in finishing order, then unfinished ones (a failed gate leaves eval "running").
+    stages.sort(key=lambda s: (s["status"] != "complete", s["finished"], s["name"]))
+    evals = []
+    for s in stages:
+        res = s["artifact"] / "results.json"
+        if s["kind"] == "eval" and res.is_file():
+            evals.append({"stage": s["name"], "results": json.loads(res.read_text()),
+                          "answers": _read_jsonl(s["artifact"] / "answers.jsonl")})
+    return {"run_dir": run_dir, "stages": stages, "evals": evals}
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny document model, rendered to Markdown and to HTML
+
+
+class Doc:
+    def __init__(self) -> None:
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, headers: list[str], rows: list[list[Any]]) -> None:
+        self.blocks.append(("table", headers, [["" if c is None else str(c) for c in r] for r in rows]))
+
+    def img(self, path: Path, alt: str) -> None:
+        self.blocks.append(("img", path, alt))
+
+    def pre(self, text: str) -> None:
+        self.blocks.append(("pre", text))
+
+    def markdown(self, base: Path) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"{'#' * b[1]} {b[2]}")
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "table":
+                def cell(c: str) -> str:
+                    return c.replace("|", "\\|").replace("\n", "<br>")
+
+                out.append("\n".join(["| " + " | ".join(cell(h) for h in b[1]) + " |",
+                                      "|" + "|".join("---" for _ in b[1]) + "|"]
+                                     + ["| " + " | ".join(cell(c) for c in r) + " |" for r in b[2]]))
+            elif b[0] == "img":
+                out.append(f"![{b[2]}]({b[1].relative_to(base).as_posix()})")
+            elif b[0] == "pre":
+                out.append("```\n" + b[1] + "\n```")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        e = html.escape
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+               "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+               "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+               "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+               "th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em;overflow-x:auto}"
+               "img{max-width:100%}</style></head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{e(b[1])}</p>")
+            elif b[0] == "table":
+                head = "".join(f"<th>{e(h)}</th>" for h in b[1])
+                body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>".replace("\n", "<br>") for c in r) + "</tr>"
+                               for r in b[2])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif b[0] == "img":
+                data = base64.b64encode(Path(b[1]).read_bytes()).decode()
+                out.append(f"<p><img alt='{e(b[2])}' src='data:image/png;base64,{data}'></p>")
+            elif b[0] == "pre":
+                out.append(f"<pre>{e(b[1])}</pre>")
+        out.append("</body></html>")
+        return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _est(e: dict | None, *, rate: bool) -> str:
+    """'62.5 [55.0, 70.0]' (rates in percent) or '2.314 [2.2, 2.4]'."""
+    if not e or e.get("value") is None:
+        return "-"
+    f = _pct if rate else (lambda v: _fmt(v))
+    ci = f" [{f(e['ci_low'])}, {f(e['ci_high'])}]" if e.get("ci_low") is not None else ""
+    return f(e["value"]) + ci
+
+
+def _signed(v: float, rate: bool) -> str:
+    return f"{100 * v:+.1f}" if rate else f"{v:+.3f}"
+
+
+def _delta(d: dict | None, *, rate: bool) -> str:
+    if not d or d.get("value") is None:
+        return "-"
+    ci = f" [{_signed(d['ci_low'], rate)}, {_signed(d['ci_high'], rate)}]" if d.get("ci_low") is not None else ""
+    return _signed(d["value"], rate) + ci
+
+
+def loss_figure(stage: dict, out: Path) -> Path | None:
+    """A PNG of training loss (and validation loss) against step; None if the stage logged no loss."""
+    train = [(r["step"], r["loss"]) for r in stage["metrics"] if "loss" in r and "step" in r]
+    val = [(r["step"], r["val_loss"]) for r in stage["metrics"] if "val_loss" in r and "step" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.2, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{stage['name']} ({stage['kind']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / f"loss_{stage['name']}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int = 2, answer_chars: int = 300) -> Doc:
+    """The report's sections; figures are drawn into `figures` and referenced at `final` (where
+    the caller moves them once complete)."""
+    run_dir: Path = info["run_dir"]
+    doc = Doc()
+    doc.h(1, f"lmforge run report: {run_dir.name}")
+    doc.p(f"Run folder {run_dir}; report built {time.strftime('%Y-%m-%d %H:%M:%S')}.")
+
+    # The machine: as recorded by an eval stage (it ran the models), else this process's.
+    machine = next((ev["results"].get("machine") for ev in info["evals"] if ev["results"].get("machine")), None)
+    doc.h(2, "Machine")
+    doc.p("Recorded by the eval stage." if machine else "Recorded when this report was built (no eval stage recorded one).")
+    doc.table(["key", "value"], [[k, ", ".join(v) if isinstance(v, list) else v]
+                                 for k, v in (machine or machine_info()).items()])
+
+    doc.h(2, "Stages")
+    rows = []
+    for s in info["stages"]:
+        sm = s["summary"]
+        rows.append([s["name"], s["kind"], s["status"], _fmt(s["wall_seconds"], 1),
+                     _fmt(sm.get("tokens_per_s"), 1), _fmt(sm.get("steps")), _fmt(sm.get("best_val_loss"), 4)])
+    doc.table(["stage", "type", "status", "wall time (s)", "train tokens/s", "steps", "best val loss"], rows)
+
+    for s in info["stages"]:
+        if s["kind"] == "curate" and s["summary"]:
+            sm = s["summary"]
+            doc.h(2, f"Curation ({s['name']})")
+            doc.p(f"{sm.get('documents_in', '?')} documents in, {sm.get('documents_out', '?')} out; "
+                  f"splits: {', '.join(f'{k} {v}' for k, v in (sm.get('splits') or {}).items())}; "
+                  f"bad rows skipped: {sm.get('bad_rows_skipped', 0)}.")
+            doc.table(["rule", "documents removed"], [[r, n] for r, n in (sm.get("removed") or {}).items()])
+        if s["kind"] == "tokenizer" and s["summary"]:
+            sm = s["summary"]
+            doc.h(2, f"Tokenizer ({s['name']})")
+            doc.table(["vocab size", "validation bytes/token", "validation bytes", "validation tokens"],
+                      [[sm.get("vocab_size"), _fmt(sm.get("val_bytes_per_token")), _fmt(sm.get("val_bytes")),
+                        _fmt(sm.get("val_tokens"))]])
+
+    curves = [(s, p) for s in info["stages"] if (p := loss_figure(s, figures)) is not None]
+    if curves:
+        doc.h(2, "Loss curves")
+        for s, p in curves:
+            doc.img(final / p.name, f"loss curve of {s['name']}")
+
+    for ev in info["evals"]:
+        _eval_sections(doc, ev, examples_per_task=examples_per_task, answer_chars=answer_chars)
+    return doc
+
+
+def _eval_sections(doc: Doc, ev: dict, *, examples_per_task: int, answer_chars: int) -> None:
+    res = ev["results"]
+    order: list[str] = res["order"]
+    doc.h(2, f"Evaluation ({ev['stage']})")
+    models = ", ".join(f"{m} ({res['models'][m]})" for m in order)
+    doc.p(f"Models, in order: {models}. Rates are in percent; "
+          f"[low, high] is a {100 * res['bootstrap']['confidence']:.0f}% bootstrap interval "
+          f"({res['bootstrap']['n_resamples']} resamples); Δ is the paired difference against the previous model. "
+          "↑ higher is better, ↓ lower is better.")
+    keys = [k for k in res.get("metrics") or sorted({k for m in order for k in res["results"][m]})
+            if any(k in res["results"][m] for m in order)]
+    headers = ["metric", "n", "chance"]
+    for j, m in enumerate(order):
+        headers += [m] + ([f"Δ {m}"] if j else [])
+    rows = []
+    for k in keys:
+        first = next(res["results"][m][k] for m in order if k in res["results"][m])
+        rate = first.get("rate", False)
+        arrow = "↑" if first.get("higher_is_better") else "↓"
+        row = [f"{k} {arrow}", first.get("n"), _pct(first.get("chance")) if rate else _fmt(first.get("chance"))]
+        for j, m in enumerate(order):
+            row.append(_est(res["results"][m].get(k), rate=rate))
+            if j:
+                row.append(_delta(res["deltas"].get(m, {}).get(k), rate=rate))
+        rows.append(row)
+        for g in (first.get("groups") or {}):
+            grow = [f"{k} / {g}", first["groups"][g].get("n"), _pct(first["groups"][g].get("chance"))]
+            for j, m in enumerate(order):
+                grow.append(_est((res["results"][m].get(k) or {}).get("groups", {}).get(g), rate=True))
+                if j:
+                    grow.append("")
+            rows.append(grow)
+    doc.table(headers, rows)
+
+    if res.get("gates"):
+        doc.h(3, "Regression gates")
+        doc.table(["metric", "model", "against", "value", "against value", "drop", "max drop", "result"],
+                  [[g["metric"], g["model"], g["against"],
+                    _pct(g["value"]) if g["unit"] == "points" else _fmt(g["value"]),
+                    _pct(g["against_value"]) if g["unit"] == "points" else _fmt(g["against_value"]),
+                    f"{g['drop']:.2f} {g['unit']}", f"{g['max_drop']:g}", "passed" if g["passed"] else "FAILED"]
+                   for g in res["gates"]])
+    doc.p(f"Pipeline output: {res['output_model']} ({res['output_path']}).")
+
+    doc.h(3, "Evaluation time")
+    doc.table(["model", "wall time (s)", "generated tokens", "generated tokens/s"],
+              [[m, _fmt(t.get("seconds"), 1), t.get("generated_tokens"), _fmt(t.get("generated_tokens_per_s"), 1)]
+               for m, t in res.get("timing", {}).items()])
+
+    doc.h(3, "Sampling parameters")
+    keys_shown = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "stop", "seed"]
+    doc.table(["task", "format", "rows"] + keys_shown,
+              [[t, spec["format"], f"{spec['rows_evaluated']}/{spec['rows_in_file']}"]
+               + [spec["sampling"].get(k) for k in keys_shown]
+               for t in res.get("task_order") or sorted(res["tasks"])
+               if (spec := res["tasks"][t]).get("sampling")])
+
+    if examples_per_task and ev["answers"]:
+        doc.h(3, "The same prompts, answered by each model")
+        by_task: dict[str, dict[str, dict[str, dict]]] = {t: {} for t in res.get("task_order", [])}
+        for a in ev["answers"]:
+            by_task.setdefault(a["task"], {}).setdefault(a["id"], {})[a["model"]] = a
+        for task, items in by_task.items():
+            for rid in list(items)[:examples_per_task]:
+                per_model = items[rid]
+                prompt = next(iter(per_model.values()))["prompt"]
+                if not isinstance(prompt, str):
+                    prompt = json.dumps(prompt, ensure_ascii=False)
+                doc.p(f"{task} / {rid}: {prompt}")
+                doc.table(["model", "answer", "scores"],
+                          [[m, _clip(per_model[m]["output"], answer_chars),
+                            ", ".join(f"{k} {_fmt(v, 2)}" for k, v in per_model[m]["scores"].items())]
+                           for m in order if m in per_model])
+
+
+def _clip(text: str, n: int) -> str:
+    text = text.strip()
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def build_report(run_dir: str | Path, *, examples_per_task: int = 2, answer_chars: int = 300) -> dict:
+    """Write <run_dir>/report.md, report.html and report_figures/; returns what was written."""
+    run_dir = Path(run_dir)
+    info = collect(run_dir)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{FIGURES}."))
+    try:
+        doc = build_doc(info, tmp, run_dir / FIGURES, examples_per_task=examples_per_task, answer_chars=answer_chars)
+        n_figures = len(list(tmp.glob("*.png")))
+        replace_dir(tmp, run_dir / FIGURES)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(run_dir / "report.md", doc.markdown(run_dir))
+    atomic_write_text(run_dir / "report.html", doc.html(f"lmforge report: {run_dir.name}"))
+    return {"markdown": str(run_dir / "report.md"), "html": str(run_dir / "report.html"), "figures": n_figures,
+            "stages": [s["name"] for s in info["stages"]], "evals": [e["stage"] for e in info["evals"]]}
+
+
+def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
+    """The `report` stage: build the run's report, and keep a copy in this stage's artifact."""
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else rd.path.parent
+    out = build_report(run_dir, examples_per_task=cfg.examples_per_task, answer_chars=cfg.answer_chars)
+    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".report."))
+    try:
+        shutil.copy2(run_dir / "report.html", tmp / "report.html")  # self-contained: figures inlined
+        atomic_write_json(tmp / "report.json", out)
+        replace_dir(tmp, rd.artifact)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"report: {out['markdown']} and {out['html']} ({out['figures']} figures)")
+    rd.log(f"report written to {out['markdown']}")
+    return out

@@ -1,0 +1,150 @@
+"""The run report: built from a run folder of real stage folders (two tiny models evaluated by the
+eval stage), by the `report` stage at the end of a recipe and by `lmforge report RUN_DIR`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.pipeline import run_recipe
+from tests.conftest import build_tiny_model
+
+PROMPTS = ["What is two plus two?", "Hello there!", "The quick brown fox"]
+
+
+def fake_stage(root: Path, name: str, kind: str, artifact: str, *, summary: dict, wall: float, finished: str,
+               metrics: list[dict] = (), model_src: Path | None = None) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({
+        "stage": kind, "name": name, "status": "complete", "artifact": artifact, "output_id": f"id-{name}",
+        "wall_seconds": wall, "summary": summary, "finished": finished}))
+    if metrics:
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics) + '{"step": 9, "lo')  # cut line
+    if model_src is not None:
+        shutil.copytree(model_src, d / artifact)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("runs") / "demo"
+    other = build_tiny_model(tmp_path_factory.mktemp("tiny_sft"), seed=1)
+    fake_stage(root, "curate", "curate", "data", wall=1.5, finished="2024-01-01T00:00:01", summary={
+        "documents_in": 100, "documents_out": 80, "bad_rows_skipped": 0, "splits": {"train": 76, "validation": 4},
+        "removed": {"empty": 0, "min_words": 12, "exact_duplicate": 8}})
+    fake_stage(root, "tokenizer", "tokenizer", "tokenizer", wall=0.5, finished="2024-01-01T00:00:02",
+               summary={"vocab_size": 300, "val_bytes_per_token": 3.2109, "val_bytes": 1000, "val_tokens": 311})
+    curve = [{"step": s, "loss": 6.0 - s, "tokens_per_s": 1000.0} for s in (1, 2, 3)] + [{"step": 3, "val_loss": 3.5}]
+    fake_stage(root, "pretrain", "pretrain", "model", wall=12.5, finished="2024-01-01T00:00:03", metrics=curve,
+               summary={"tokens_per_s": 1234.5, "steps": 3, "best_val_loss": 3.5}, model_src=tiny_model_dir)
+    fake_stage(root, "sft", "sft", "model", wall=4.3, finished="2024-01-01T00:00:04",
+               metrics=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
+               summary={"tokens_per_s": 99.0, "steps": 2}, model_src=other)
+    data = root.parent / "data"
+    data.mkdir()
+    (data / "echo.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": p, "answer": "4"}) + "\n"
+                                             for i, p in enumerate(PROMPTS)))
+    (data / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                             ["The quick brown fox jumps over the lazy dog.", "Hello there! How are you?"]))
+    return root
+
+
+def recipe(run_dir: Path, models: dict, gates: list | None = None) -> Path:
+    data = run_dir.parent / "data"
+    tasks = [
+        {"name": "echo", "file": "@d/echo.jsonl", "scorers": ["answered", "numeric_match"], "max_new_tokens": 6},
+        {"name": "plain", "file": "@d/echo.jsonl", "format": "plain", "scorers": ["answered"], "max_new_tokens": 4,
+         "sampling": {"temperature": 0.8, "top_k": 5, "seed": 3}},
+        {"name": "heldout", "kind": "likelihood", "file": str(data / "text.jsonl")},
+    ]
+    r = {"name": run_dir.name, "out_dir": str(run_dir.parent), "stages": [
+        {"stage": "eval", "models": models, "data": {"d": str(data)}, "tasks": tasks, "batch_size": 4,
+         "bootstrap": {"n_resamples": 200}, "gates": gates or []},
+        {"stage": "report", "examples_per_task": 1},
+    ]}
+    path = run_dir.parent / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r, sort_keys=False))
+    return path
+
+
+def test_report_stage_writes_every_section(run_dir):
+    models = {"base": str(run_dir / "pretrain"), "sft": str(run_dir / "sft")}
+    run_recipe(recipe(run_dir, models), echo=lambda *a: None)
+    md = (run_dir / "report.md").read_text()
+    res = json.loads((run_dir / "eval/eval/results.json").read_text())
+    answers = [json.loads(x) for x in (run_dir / "eval/eval/answers.jsonl").read_text().splitlines()]
+
+    # Stages in the order they finished, with wall time and tokens/s from their manifests.
+    assert "| pretrain | pretrain | complete | 12.5 | 1234.5 | 3 | 3.5000 |" in md
+    assert "| sft | sft | complete | 4.3 | 99.0 | 2 | - |" in md
+    assert md.index("| curate | curate |") < md.index("| tokenizer | tokenizer |") < md.index("| pretrain | pretrain |")
+    # Curation counts per rule and tokenizer compression.
+    assert "100 documents in, 80 out; splits: train 76, validation 4; bad rows skipped: 0." in md
+    assert "| min_words | 12 |" in md and "| exact_duplicate | 8 |" in md and "| empty | 0 |" in md
+    assert "| 300 | 3.211 | 1000 | 311 |" in md
+    # Loss curves: one PNG per stage that logged a loss (the cut last metrics line is skipped).
+    figs = sorted(p.name for p in (run_dir / "report_figures").iterdir())
+    assert figs == ["loss_pretrain.png", "loss_sft.png"]
+    assert all((run_dir / "report_figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figs)
+    assert "![loss curve of pretrain](report_figures/loss_pretrain.png)" in md
+
+    # Every metric, per model, side by side, with intervals and paired deltas.
+    assert "| metric | n | chance | base | sft | Δ sft |" in md
+    loss = {m: res["results"][m]["heldout.loss"] for m in ("base", "sft")}
+    d = res["deltas"]["sft"]["heldout.loss"]
+    cells = [f"{loss[m]['value']:.3f} [{loss[m]['ci_low']:.3f}, {loss[m]['ci_high']:.3f}]" for m in ("base", "sft")]
+    delta = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    assert f"| heldout.loss ↓ | 2 | - | {cells[0]} | {cells[1]} | {delta} |" in md
+    acc = {m: res["results"][m]["echo.accuracy"] for m in ("base", "sft")}
+    assert f"| echo.accuracy ↑ | 3 | - | {100 * acc['base']['value']:.1f} [" in md
+    assert res["results"]["base"]["echo.answer_rate"]["n"] == 3
+    assert res["output_model"] == "sft" and "Pipeline output: sft (" in md
+
+    # The same prompt answered by each model, and the sampling parameters used.
+    assert "echo / p0: What is two plus two?" in md and "plain / p0: What is two plus two?" in md
+    assert "echo / p1:" not in md  # examples_per_task: 1
+    for m in ("base", "sft"):
+        out = next(a["output"] for a in answers if a["model"] == m and a["task"] == "echo" and a["id"] == "p0")
+        cell = out.strip()[:300].replace("|", "\\|").replace("\n", "<br>")
+        assert f"| {m} | {cell} |" in md
+    assert "| echo | chat | 3/3 | 0.0 | 1.0 | 0 | 0.0 | 1.0 | 6 | [] | 0 |" in md
+    assert "| plain | plain | 3/3 | 0.8 | 1.0 | 5 | 0.0 | 1.0 | 4 | [] | 3 |" in md
+    assert f"| cpu_count | {os.cpu_count()} |" in md
+
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<td>min_words</td><td>12</td>" in html
+    assert (run_dir / "report/report/report.html").read_text() == html
+
+
+def test_lmforge_report_rebuilds_after_a_failed_gate(run_dir):
+    first = json.loads((run_dir / "eval/eval/results.json").read_text()) if (run_dir / "eval/eval").exists() else None
+    if first is None:  # this test also runs alone
+        run_recipe(recipe(run_dir, {"base": str(run_dir / "pretrain"), "sft": str(run_dir / "sft")}),
+                   echo=lambda *a: None)
+        first = json.loads((run_dir / "eval/eval/results.json").read_text())
+    # Order the models so the second is the worse one on held-out loss, and allow no loss at all.
+    worse = max(("base", "sft"), key=lambda m: first["results"][m]["heldout.loss"]["value"])
+    better = "sft" if worse == "base" else "base"
+    paths = {"base": str(run_dir / "pretrain"), "sft": str(run_dir / "sft")}
+    gates = [{"metric": "heldout.loss", "model": worse, "against": better, "max_drop": 0}]
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match=f"Regression gate failed: heldout.loss of {worse} is"):
+        run_recipe(recipe(run_dir, {better: paths[better], worse: paths[worse]}, gates), echo=lambda *a: None)
+    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "report", str(run_dir)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'} (2 figures;")
+    md = (run_dir / "report.md").read_text()
+    assert "| eval | eval | running |" in md  # the failed stage did not complete
+    assert f"| heldout.loss | {worse} | {better} |" in md and "| FAILED |" in md
+    assert f"Pipeline output: {better} ({paths[better]})." in md
+    assert f"| metric | n | chance | {better} | {worse} | Δ {worse} |" in md
