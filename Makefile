@@ -25,8 +25,10 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
+# One OpenMP thread per process: tests start subprocesses (CLI runs, servers, 2-process DDP),
+# and a 2-core machine oversubscribed by spinning OpenMP pools runs them many times slower.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,157 @@
+"""`lmforge chat MODEL`: talk to a model in the terminal, through the one generation path.
+
+    you> What is two plus two?
+    assistant> Four.
+    you> /params temperature=0.2 max_new_tokens=64
+    you> /reset
+
+The conversation is kept as chat messages and rendered with `lmforge.data.chat.render` (the
+same template training and serving use); replies stream token by token. When the history no
+longer fits the model's context, the oldest turns are dropped (and the user is told so).
+Ctrl-C stops a reply; Ctrl-D, /quit or Ctrl-C at the prompt ends the chat.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, TextIO
+
+from lmforge.config import parse_override, validate
+from lmforge.data.chat import render
+from lmforge.errors import LmforgeError
+from lmforge.generation import (
+    SamplingParams,
+    context_length,
+    encode_prompts,
+    load_model_for_inference,
+    stream,
+)
+
+HELP = """commands:
+  /reset               forget the conversation (the system prompt stays)
+  /params              show the sampling parameters
+  /params k=v [k=v..]  change them, e.g. /params temperature=0.2 top_p=0.95 max_new_tokens=64
+  /history             show the conversation so far
+  /help                this text
+  /quit                leave (Ctrl-D works too)"""
+
+
+def update_params(params: SamplingParams, assignments: list[str]) -> SamplingParams:
+    """`params` with `key=value` assignments applied (values parsed as YAML), validated."""
+    data = params.model_dump()
+    for text in assignments:
+        path, value = parse_override(text)
+        if len(path) != 1:
+            raise LmforgeError(f"{text!r}: sampling parameters are flat, write e.g. temperature=0.2.")
+        data[path[0]] = value
+    new = validate(SamplingParams, data, where="/params")
+    if new.n != 1:
+        raise LmforgeError("/params: the chat shows one reply at a time, so n must stay 1.")
+    return new
+
+
+class ChatSession:
+    """The conversation and its parameters; `reply()` streams the model's next turn."""
+
+    def __init__(self, model: Any, tokenizer: Any, params: SamplingParams, system: str | None = None):
+        self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
+        self.history: list[dict] = []
+        self.context = context_length(model)
+
+    def messages(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def fit(self, user: str) -> tuple[list[int], int]:
+        """Prompt ids for the history plus `user`, dropping the oldest (user, assistant) pairs
+        until prompt plus max_new_tokens fits the context. Returns (ids, messages dropped)."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        for start in range(0, len(self.history) + 1, 2):
+            msgs = head + self.history[start:] + [{"role": "user", "content": user}]
+            ids = encode_prompts(self.tokenizer, [render(self.tokenizer, msgs, add_generation_prompt=True)],
+                                 add_special_tokens=False)[0]
+            if self.context is None or len(ids) + self.params.max_new_tokens <= self.context:
+                return ids, start
+        raise LmforgeError(
+            f"this message needs {len(ids)} prompt tokens plus max_new_tokens={self.params.max_new_tokens}, "
+            f"more than the model's context of {self.context}; shorten it or lower max_new_tokens (/params)."
+        )
+
+    def reply(self, user: str, write: Callable[[str], None]) -> str:
+        """Stream the answer to `user` through `write`; record both turns; return the answer."""
+        ids, dropped = self.fit(user)
+        if dropped:
+            self.history = self.history[dropped:]
+            write(f"(dropped the {dropped} oldest messages to fit the context)\n")
+        answer = ""
+        try:
+            for chunk in stream(self.model, self.tokenizer, ids, self.params):
+                write(chunk.text)
+                answer += chunk.text
+        except KeyboardInterrupt:
+            write(" [stopped]")
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+    """The read-eval-print loop: commands start with '/', anything else is a message."""
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    ctx = f"context {session.context} tokens" if session.context else "context unknown"
+    write(f"Chatting ({ctx}). /help lists commands; Ctrl-D quits.\n")
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, *args = line.split()
+            if cmd in ("/quit", "/exit"):
+                return
+            if cmd == "/reset":
+                session.history = []
+                write("(history cleared)\n")
+            elif cmd == "/params":
+                if args:
+                    try:
+                        session.params = update_params(session.params, args)
+                    except LmforgeError as e:
+                        write(f"error: {e}\n")
+                        continue
+                write(" ".join(f"{k}={v}" for k, v in session.params.model_dump().items()) + "\n")
+            elif cmd == "/history":
+                for m in session.messages():
+                    write(f"{m['role']}> {m['content']}\n")
+            elif cmd == "/help":
+                write(HELP + "\n")
+            else:
+                write(f"unknown command {cmd}; /help lists them.\n")
+            continue
+        write("assistant> ")
+        try:
+            session.reply(line, write)
+        except LmforgeError as e:
+            write(f"\nerror: {e}\n")
+            continue
+        write("\n")
+
+
+def chat(model_path: str, params: SamplingParams, *, system: str | None = None, device: str | None = None,
+         dtype: str | None = None) -> None:
+    """`lmforge chat`: load the model and run the REPL on the terminal."""
+    if params.n != 1:
+        raise LmforgeError("the chat shows one reply at a time, so n must be 1.")
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    model, tokenizer = load_model_for_inference(model_path, device=device, dtype=dtype)
+    repl(ChatSession(model, tokenizer, params, system=system))
