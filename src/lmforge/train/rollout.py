@@ -1,0 +1,641 @@
+"""Online RL rollouts and the set-up shared by the `ppo` and `grpo` stages.
+
+    prompts ──chat template──> token ids (too long for the context: counted and skipped)
+    step k: prompts_per_step prompts (an order that is a pure function of k) ──lmforge.generation
+        (THE sampling path: KV cache, batching, per-row seeded streams)──> n responses each
+        ──Rewards──> one score per response
+        ──pack──> Rollout: (N, P + R) prompt left-padded + response right-padded, (N, R) masks
+        ──score pass (no grad; same module, same micro-batches as the first update)──>
+            old log-probs, values (PPO), entropy; reference log-probs
+
+Why the old log-probs come from the training forward pass and not from the sampler: the ratio
+pi/pi_old of the first update must be exactly 1, and two different code paths (incremental
+decoding with a KV cache vs one full forward) agree only up to float rounding. The score pass runs
+the exact forward the first micro-batches of the update run (same rows, same padding, same
+temperature), so their ratio is bitwise 1 (`ratio_dev_first` in the metrics is max|ratio - 1| of
+the first optimizer step: 0.0). The sampler's own log-probs are kept to check that both use the
+same distribution (`sampler_logp_gap`, ~1e-6 in fp32): rollouts therefore sample with temperature
+only, since top-p/top-k/penalties would make the sampling distribution differ from softmax(z / T).
+
+Memory: the reference is the base with the adapter switched off (LoRA: no extra memory) or, for
+full fine-tuning, a frozen copy of the starting weights (one more copy of the parameters, no
+gradients or optimizer state). The PPO critic is a linear head on the policy's last hidden state
+(hidden_size + 1 parameters): a shared backbone, so no second network is held, at the price that
+the value loss also shapes the policy's features (`vf_coef` weighs it).
+
+Resuming continues from the last completed rollout step: weights (adapter + value head), optimizer,
+schedule, RNG and the stage's own state (e.g. the adaptive KL coefficient) are checkpointed, and
+the prompts and sampling seeds of step k depend only on k, so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from lmforge import losses as L
+from lmforge.adapters import (
+    AdapterConfig,
+    apply_adapter,
+    is_adapter,
+    load_base,
+    save_adapter,
+    trainable_report,
+)
+from lmforge.config import Schema, TrainConfig
+from lmforge.data.chat import render
+from lmforge.data.formats import OnBadRows, ReadStats
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import LmforgeError, StopRun
+from lmforge.generation import Completion, SamplingParams, encode_prompts, generate
+from lmforge.models import context_length, save_model
+from lmforge.rewards import Rewards, RewardSpec
+from lmforge.rundir import RunDir, atomic_write_text, replace_dir, resolve_artifact
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.loop import lr_lambda, make_accelerator, make_optimizer
+
+# --------------------------------------------------------------------------------------------
+# Configuration shared by ppo and grpo
+
+
+def _rl_train() -> TrainConfig:
+    return TrainConfig(max_steps=100, batch_size=8, lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0,
+                       checkpoint_every=10, log_every=1)
+
+
+class RolloutConfig(Schema):
+    """How responses are sampled. Temperature only: the ratio's log-probs are softmax(z / T)."""
+
+    temperature: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
+                               description="Sampling temperature; the training log-probs use the same one.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest response; one that reaches it has no EOS.")
+    max_batch: int = Field(64, ge=1, description="Responses decoded together by the generation engine.")
+
+
+class RLFields(Schema):
+    """Fields of `ppo` and `grpo` (see lmforge.train.rollout)."""
+
+    model: str | None = Field(None, description="Starting policy: an SFT stage folder, model folder or adapter folder.")
+    prompts: str | list[str] | None = Field(
+        None, description="Prompt rows ({prompt: text or turns} or {messages}): JSONL/Parquet/CSV files, globs or a "
+        "`datasets` folder; other fields (e.g. `answer`) reach the reward functions.")
+    dataset_split: str | None = Field(None, description="Split to read from a DatasetDict folder.")
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+    system_prompt: str | None = Field(None, description="System turn put before text prompts that have none.")
+    on_bad_rows: OnBadRows = Field("error", description="error = stop at a bad prompt row naming it; skip = count it.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list, description="Weighted reward terms, summed (answer, format, contains, function, "
+        "reward_model); empty = the reward model alone.")
+    reward_model: str | None = Field(None, description="Reward model folder (a reward stage) for reward_model terms.")
+    allow_tokenizer_mismatch: bool = Field(
+        False, description="Accept a reward model whose tokenizer differs from the policy's (it re-encodes the text).")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the reward of a response cut at max_new_tokens without EOS (None = off).")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per rollout step.")
+    epochs: int = Field(1, ge=1, description="Passes over each rollout (PPO epochs); its rows are shuffled per pass.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling settings of the rollouts.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Full fine-tuning or a peft adapter.")
+    sample_every: int = Field(10, ge=0, description="Write a few sample responses every N steps (0 = never).")
+    samples_shown: int = Field(3, ge=1, description="Sample responses written each time (log.txt, samples.jsonl).")
+    device: str | None = Field(None, description="Reward model device (None = the policy's).")
+    train: TrainConfig = Field(
+        default_factory=_rl_train, description="Optimiser settings; max_steps counts rollout steps, batch_size x "
+        "grad_accum rows make one optimizer step; eval/early-stopping/keep_best fields are unused.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _rl_train_defaults(cls, v: Any) -> Any:
+        """A partial `train:` fills up from the RL defaults (lr 1e-5, constant, ...), not the pre-training ones."""
+        return {**_rl_train().model_dump(), **v} if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _rl_checks(self) -> "RLFields":
+        if self.adapter.method == "prefix":
+            raise ValueError("prefix tuning adds key/value positions the sampler and the scoring forward do not share; "
+                             "use adapter.method lora, dora or qlora")
+        if self.train.early_stopping_patience is not None:
+            raise ValueError("train.early_stopping_patience needs a validation loss, which RL stages do not have")
+        return self
+
+    def rows_per_rollout(self, group: int) -> int:
+        return self.prompts_per_step * group
+
+
+def check_minibatches(cfg: RLFields, n_rows: int) -> int:
+    """Optimizer steps per rollout; one sentence if the rollout does not split into whole steps."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    if n_rows % per_step:
+        raise LmforgeError(f"A rollout holds {n_rows} responses, which train.batch_size x train.grad_accum = {per_step} "
+                           "does not divide; make prompts_per_step (x group_size) a multiple of it.")
+    return cfg.epochs * n_rows // per_step
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout tensors
+
+
+@dataclass
+class Rollout:
+    """N responses packed for the scoring/training forward.
+
+    input_ids[i] = pad...pad prompt_i response_i pad...pad with the prompt ending at column P, so
+    the logits at columns P-1 .. P+R-2 predict response tokens 0 .. R-1.
+    """
+
+    input_ids: torch.Tensor  # (N, P + R) long
+    attention_mask: torch.Tensor  # (N, P + R) long, 1 = real token
+    n_prompt: int  # P
+    mask: torch.Tensor  # (N, R) float, 1 = a response token (the final EOS included)
+    finished: torch.Tensor  # (N,) bool: ended with EOS / a stop token (else cut at max_new_tokens)
+    sampler_logp: torch.Tensor  # (N, R) the generation path's log-probs of the sampled tokens
+    texts: list[str]
+    prompt_index: list[int]  # which of the step's prompts each row answers
+    prompt_lens: list[int]
+    resp_lens: list[int]
+    group: int = 1  # rows come in blocks of `group` responses to one prompt
+    scores: torch.Tensor | None = None  # (N,) reward after the missing-EOS penalty
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
+    old_logp: torch.Tensor | None = None  # (N, R) from the score pass
+    values: torch.Tensor | None = None  # (N, R) critic values (PPO)
+    ref_logp: torch.Tensor | None = None  # (N, R)
+    entropy: torch.Tensor | None = None  # (N, R)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response(self) -> torch.Tensor:
+        return self.input_ids[:, self.n_prompt:]
+
+    def micro(self, idx: torch.Tensor, **per_token: torch.Tensor) -> dict:
+        """Rows `idx`, cut to the columns they use (less padding); per-token (N, R) tensors likewise."""
+        rows = idx.tolist()
+        left = self.n_prompt - max(self.prompt_lens[i] for i in rows)
+        r = max(self.resp_lens[i] for i in rows)
+        ids = self.input_ids[idx, left:self.n_prompt + r]
+        g = self.group
+        whole = g > 1 and len(rows) % g == 0 and all(
+            rows[k] % g == 0 and rows[k:k + g] == list(range(rows[k], rows[k] + g)) for k in range(0, len(rows), g))
+        out = {"input_ids": ids, "attention_mask": self.attention_mask[idx, left:self.n_prompt + r],
+               "n_prompt": self.n_prompt - left, "labels": ids[:, self.n_prompt - left:], "mask": self.mask[idx, :r],
+               "group": g if whole else 1}
+        out.update({k: v[idx, :r] for k, v in per_token.items()})
+        return out
+
+
+def pack(prompts: list[list[int]], comps: list[Completion], *, pad_id: int, device) -> Rollout:
+    """Rollout tensors from each row's prompt ids and its sampled completion."""
+    P = max(len(p) for p in prompts)
+    R = max(len(c.token_ids) for c in comps)
+    N = len(comps)
+    ids = torch.full((N, P + R), pad_id, dtype=torch.long)
+    att = torch.zeros((N, P + R), dtype=torch.long)
+    mask = torch.zeros((N, R))
+    slp = torch.zeros((N, R))
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        n = len(c.token_ids)
+        ids[i, P - len(p):P] = torch.tensor(p)
+        ids[i, P:P + n] = torch.tensor(c.token_ids)
+        att[i, P - len(p):P + n] = 1
+        mask[i, :n] = 1
+        if c.logprobs is not None:
+            slp[i, :n] = torch.tensor(c.logprobs)
+    finished = torch.tensor([c.finish_reason == "stop" for c in comps])
+    return Rollout(ids.to(device), att.to(device), P, mask.to(device), finished.to(device), slp.to(device),
+                   [c.text for c in comps], [c.prompt_index for c in comps], [len(p) for p in prompts],
+                   [len(c.token_ids) for c in comps])
+
+
+# --------------------------------------------------------------------------------------------
+# The scoring / training forward
+
+
+class PolicyValue(torch.nn.Module):
+    """The policy (plain or peft) plus, for PPO, a linear value head on its last hidden state.
+
+    forward returns the response positions' logits (B, R, V) — `logits_to_keep` spares the
+    prompt's (B, P, V) — and the values (B, R) read at the same positions (the state before each
+    response token). Being one Module, it is what accelerate prepares and what a checkpoint saves.
+    """
+
+    def __init__(self, lm, *, value_head: bool):
+        super().__init__()
+        self.lm = lm
+        cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        self.value_head = torch.nn.Linear(cfg.hidden_size, 1) if value_head else None
+        if self.value_head is not None:
+            torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no made-up baseline
+            torch.nn.init.zeros_(self.value_head.bias)
+            self.value_head.to(next(lm.parameters()).device)
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, n_prompt: int, group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`group` > 1: rows come in blocks of `group` responses to one prompt (GRPO), and the prompt is
+        run once per block, its KV cache repeated for the block's responses: the same function of the
+        inputs as group 1, computed without (group - 1) / group of the prompt positions."""
+        R = input_ids.shape[1] - n_prompt
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as the sampler numbers left-padded rows
+        hidden = self.value_head is not None
+        if group == 1:
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                          logits_to_keep=R + 1, output_hidden_states=hidden)
+            logits = out.logits[:, :-1]  # (B, R, V): column P-1+t predicts response token t
+            h = out.hidden_states[-1][:, n_prompt - 1:-1] if hidden else None  # (B, R, d), the final (normed) layer
+        else:
+            head = self.lm(input_ids=input_ids[::group, :n_prompt], attention_mask=attention_mask[::group, :n_prompt],
+                           position_ids=pos[::group, :n_prompt], use_cache=True, logits_to_keep=1,
+                           output_hidden_states=hidden)
+            logits = head.logits.repeat_interleave(group, 0)  # (B, 1, V): predicts response token 0
+            h = head.hidden_states[-1][:, -1:].repeat_interleave(group, 0) if hidden else None
+            if R > 1:  # response tokens 0..R-2 predict tokens 1..R-1 (the last one predicts nothing we score)
+                cache = head.past_key_values
+                cache.batch_repeat_interleave(group)  # differentiable: gradients of the block add up in the prompt
+                rest = self.lm(input_ids=input_ids[:, n_prompt:-1], attention_mask=attention_mask[:, :-1],
+                               position_ids=pos[:, n_prompt:-1], past_key_values=cache, use_cache=True,
+                               output_hidden_states=hidden)
+                logits = torch.cat([logits, rest.logits], 1)
+                h = torch.cat([h, rest.hidden_states[-1]], 1) if hidden else None
+        values = None
+        if self.value_head is not None:
+            values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return logits, values
+
+
+def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per position: logsumexp(z) - sum p z; (B, R, V) -> (B, R)."""
+    z = logits.float() / temperature
+    return torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
+
+
+@torch.no_grad()
+def score_pass(net, ref, ro: Rollout, chunks: list[torch.Tensor], *, temperature: float, autocast,
+               old: bool = True, reference: bool = True) -> None:
+    """Fill ro.old_logp / values / entropy (the policy as it is now) and ro.ref_logp, chunk by chunk.
+
+    `chunks` must be the micro-batches of the first update, in order: the same inputs through the
+    same forward give bitwise the same log-probs, so the first update's ratio is exactly 1.
+    `ref` is a frozen reference PolicyValue, or None for the policy with its adapter disabled.
+    """
+    N, R = ro.mask.shape
+    dev = ro.mask.device
+    zeros = lambda: torch.zeros(N, R, device=dev)  # noqa: E731
+    if old:
+        ro.old_logp, ro.entropy = zeros(), zeros()
+    if reference:
+        ro.ref_logp = zeros()
+    for idx in chunks:
+        mb = ro.micro(idx)
+        r = mb["labels"].shape[1]
+        with autocast():
+            if old:
+                logits, values = forward(net, mb)
+                ro.old_logp[idx, :r] = L.token_logprobs(logits, mb["labels"], temperature=temperature) * mb["mask"]
+                ro.entropy[idx, :r] = entropy_of(logits, temperature) * mb["mask"]
+                if values is not None:
+                    if ro.values is None:
+                        ro.values = zeros()
+                    ro.values[idx, :r] = values * mb["mask"]
+            if reference:
+                if ref is not None:
+                    logits, _ = forward(ref, mb)
+                else:
+                    with _unwrap(net).lm.disable_adapter():
+                        logits, _ = forward(net, mb)
+                ro.ref_logp[idx, :r] = L.token_logprobs(logits, mb["labels"], temperature=temperature) * mb["mask"]
+
+
+def forward(net, mb: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits (B, R, V), values) of a micro-batch from `Rollout.micro`."""
+    return net(mb["input_ids"], mb["attention_mask"], mb["n_prompt"], mb["group"])
+
+
+def _unwrap(net):
+    return getattr(net, "module", net)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class Prompts:
+    turns: list[list[dict]]
+    rows: list[dict]
+    wheres: list[str]
+    ids: list[list[int]]
+    skipped_too_long: int
+    read: dict
+
+
+def load_prompts(cfg: RLFields, tokenizer, context: int, *, stage: str) -> Prompts:
+    """Every usable prompt as chat-rendered token ids; prompts that leave no room for max_new_tokens
+    in the context are counted and skipped (an error if none is left)."""
+    from lmforge.train.rejection import read_prompts
+
+    if cfg.prompts is None:
+        raise LmforgeError(f"{stage} needs `prompts`: rows with a 'prompt' (text or turns) or 'messages'.")
+    stats = ReadStats()
+    got = read_prompts(cfg, stats)
+    texts = [render(tokenizer, t, add_generation_prompt=True) for t, _, _ in got]
+    ids = encode_prompts(tokenizer, texts, add_special_tokens=False)
+    room = context - cfg.rollout.max_new_tokens
+    keep = [i for i, x in enumerate(ids) if 0 < len(x) <= room]
+    skipped = len(got) - len(keep)
+    if not keep:
+        raise LmforgeError(f"No prompt of {cfg.prompts} fits the model's context of {context} tokens with "
+                           f"rollout.max_new_tokens {cfg.rollout.max_new_tokens} ({len(got)} read, {skipped} too long); "
+                           "lower max_new_tokens or shorten the prompts.")
+    return Prompts([got[i][0] for i in keep], [got[i][1] for i in keep], [got[i][2] for i in keep],
+                   [ids[i] for i in keep], skipped, stats.as_dict())
+
+
+def prompt_indices(n_prompts: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The prompts of rollout step `step`: consecutive positions of a per-epoch shuffled order, a
+    pure function of the step (so a resumed run samples the same prompts)."""
+    perms: dict[int, np.ndarray] = {}
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(pos, n_prompts)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+        out.append(int(perms[epoch][k]))
+    return out
+
+
+def epoch_orders(n_rows: int, epochs: int, step: int, seed: int, group: int = 1) -> list[torch.Tensor]:
+    """Row order of each pass over a rollout: the first in rollout order (the score pass's chunks),
+    the later ones shuffled by whole groups (a prompt's responses stay together), a pure function of
+    (seed, step, epoch)."""
+    orders = [torch.arange(n_rows)]
+    for e in range(1, epochs):
+        perm = torch.from_numpy(np.random.default_rng([seed, step, e]).permutation(n_rows // group))
+        orders.append((perm.unsqueeze(1) * group + torch.arange(group)).flatten())
+    return orders
+
+
+def sampling_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 1) % (2**62)
+
+
+# --------------------------------------------------------------------------------------------
+# The session: everything a stage's loop needs, set up once
+
+
+@dataclass
+class Session:
+    cfg: RLFields
+    rd: RunDir
+    stage: str
+    acc: Any
+    tokenizer: Any
+    lm: Any  # the policy (peft model with an adapter)
+    net: Any  # PolicyValue as prepared by accelerate
+    ref: Any  # frozen reference PolicyValue, or None (adapter disabled, or no reference needed)
+    optimizer: Any
+    scheduler: Any
+    rewards: Rewards
+    prompts: Prompts
+    base_dir: Path
+    group: int  # responses per prompt
+    step: int = 0
+    state: dict = field(default_factory=dict)
+    writer: Any = None
+    last_saved: int = -1
+    t_start: float = field(default_factory=time.time)
+
+    # ---- one rollout ------------------------------------------------------------------------
+
+    def sampler(self):
+        """The model the generation engine drives: the peft model's base (LoRA is injected into it)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def rollout(self) -> Rollout:
+        """Sample group responses for this step's prompts and score them (nothing is updated yet, so
+        an error here loses no work: see `saving_on_error`)."""
+        cfg = self.cfg
+        idx = prompt_indices(len(self.prompts.ids), self.step, cfg.prompts_per_step, cfg.train.seed)
+        params = SamplingParams(temperature=cfg.rollout.temperature, top_p=1.0, top_k=0,
+                                max_new_tokens=cfg.rollout.max_new_tokens, n=self.group,
+                                seed=sampling_seed(cfg.train.seed, self.step), logprobs=True)
+        was = self.lm.training
+        self.lm.eval()
+        with self.acc.autocast():
+            comps = generate(self.sampler(), self.tokenizer, [self.prompts.ids[i] for i in idx], params,
+                             max_batch=cfg.rollout.max_batch)
+        self.lm.train(was)
+        ro = pack([self.prompts.ids[idx[c.prompt_index]] for c in comps], comps,
+                  pad_id=self.tokenizer.pad_token_id, device=self.acc.device)
+        rows = [idx[i] for i in ro.prompt_index]
+        total, ro.parts = self.rewards.score(
+            [self.prompts.turns[i] for i in rows], ro.texts, [self.prompts.rows[i] for i in rows],
+            [f"{self.prompts.wheres[i]} (step {self.step + 1})" for i in rows])
+        scores = torch.tensor(total, dtype=torch.float32, device=self.acc.device)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
+        ro.scores = scores
+        ro.prompt_index = rows  # from here on: indices into all prompts
+        ro.group = self.group
+        return ro
+
+    def chunks(self, order: torch.Tensor) -> list[torch.Tensor]:
+        b = self.cfg.train.batch_size
+        return [order[i:i + b] for i in range(0, len(order), b)]
+
+    # ---- the optimizer step -------------------------------------------------------------------
+
+    def optimizer_step(self, loss_sum: float) -> float:
+        """Clip, step, zero; refuses a non-finite loss or gradient before the update (as the shared loop)."""
+        if not math.isfinite(loss_sum):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise StopRun(f"{self.stage}: the loss is {loss_sum} at step {self.step + 1}; stopped before the update, "
+                          "so no checkpoint holds it. Lower train.lr, or resume from the last checkpoint.")
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip else float("inf")
+        norm = float(self.acc.clip_grad_norm_(params, clip))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise StopRun(f"{self.stage}: the gradient norm is {norm} at step {self.step + 1}; stopped before the "
+                          "update. Lower train.lr or enable train.grad_clip.")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # ---- bookkeeping at the end of a rollout step ---------------------------------------------
+
+    @contextlib.contextmanager
+    def saving_on_error(self):
+        """A user-fixable error (a reward function that fails on some row) keeps the completed steps:
+        they are checkpointed before the one sentence reaches the user."""
+        try:
+            yield
+        except LmforgeError as e:
+            if isinstance(e, StopRun) or self.step == 0 or self.step == self.last_saved:
+                raise
+            self.save_checkpoint()
+            raise LmforgeError(f"{e} The {self.step} completed steps are saved in {self.rd.checkpoints}; fix it and "
+                               "re-run with --resume.") from None
+
+    def end_step(self, record: dict, ro: Rollout, *, sigterm, prog) -> None:
+        from lmforge.errors import Preempted
+
+        cfg = self.cfg
+        self.scheduler.step()
+        self.step += 1
+        record = {"step": self.step, **record, "lr": self.scheduler.get_last_lr()[0],
+                  "elapsed_s": time.time() - self.t_start}
+        if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            self.rd.log_metrics(record)
+            if self.writer is not None:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                        self.writer.add_scalar(f"{self.stage}/{k}", v, self.step)
+        prog.update(self.step, **{k: record[k] for k in ("reward", "kl") if record.get(k) is not None})
+        if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == 1):
+            self.write_samples(ro)
+        at_end = self.step == cfg.train.max_steps
+        if cfg.train.checkpoint_every and (self.step % cfg.train.checkpoint_every == 0 or at_end or sigterm.set):
+            self.save_checkpoint()
+        if sigterm.set:
+            raise Preempted(f"Received SIGTERM; saved a checkpoint at step {self.step} in {self.rd.checkpoints}. "
+                            "Re-run the same command with --resume to continue.")
+
+    def write_samples(self, ro: Rollout) -> None:
+        lines = []
+        for i in range(0, len(ro), self.group)[:self.cfg.samples_shown]:  # one response per prompt
+            p = self.prompts.turns[ro.prompt_index[i]]
+            rec = {"step": self.step, "prompt": p[-1]["content"], "response": ro.texts[i],
+                   "reward": float(ro.scores[i]), "finished": bool(ro.finished[i])}
+            lines.append(json.dumps(rec, ensure_ascii=False))
+            self.rd.log(f"sample step {self.step}: {rec['prompt']!r} -> {rec['response']!r} (reward {rec['reward']:.3g})")
+        with open(self.rd.path / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.write("".join(x + "\n" for x in lines))
+
+    def save_checkpoint(self) -> None:
+        ckpt.save(self.rd.checkpoints, step=self.step, model=_unwrap(self.net), optimizer=self.optimizer,
+                  scheduler=self.scheduler, state=dict(self.state), rank=0, world=1, is_main=True,
+                  barrier=self.acc.wait_for_everyone, keep=self.cfg.train.keep_checkpoints)
+        self.last_saved = self.step
+
+    # ---- the artifact ---------------------------------------------------------------------------
+
+    def finish(self, summary: dict) -> dict:
+        """Write model/ (HF model or adapter; the PPO value head beside it) and return the summary."""
+        from safetensors.torch import save_file
+
+        if self.writer is not None:
+            self.writer.close()
+        trainable, total = trainable_report(self.lm)
+        summary = {"steps": self.step, "adapter": self.cfg.adapter.method, "parameters": total,
+                   "trainable_parameters": trainable, "prompts": len(self.prompts.ids),
+                   "prompts_skipped_too_long": self.prompts.skipped_too_long,
+                   "skipped_prompt_rows": self.prompts.read.get("skipped"),
+                   "train_seconds": round(time.time() - self.t_start, 2), **summary}
+        tmp = Path(tempfile.mkdtemp(dir=self.rd.path, prefix=".model."))
+        try:
+            extra = {"stage": self.stage, "summary": summary}
+            if self.cfg.adapter.enabled:
+                save_adapter(self.lm, self.tokenizer, tmp, base_dir=self.base_dir, method=self.cfg.adapter.method,
+                             extra=extra)
+            else:
+                save_model(self.lm, self.tokenizer, tmp, extra=extra)
+            head = _unwrap(self.net).value_head
+            if head is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                          str(tmp / "value_head.safetensors"))
+            replace_dir(tmp, self.rd.artifact)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return summary
+
+
+def setup(cfg: RLFields, rd: RunDir, resume: bool, *, stage: str, group: int, value_head: bool,
+          reference: bool) -> Session:
+    """Load the policy (+ adapter, + value head), the reference, the rewards and the prompts; build the
+    optimizer; resume from the latest checkpoint. Cheap checks (prompts, rewards) run before the model loads."""
+    from lmforge.train.dpo import disable_dropout
+
+    acc = make_accelerator(cfg.train)
+    if acc.num_processes > 1:
+        raise LmforgeError(f"{stage} runs in one process for now; launch it without accelerate launch / torchrun.")
+    if cfg.model is None:
+        raise LmforgeError(f"{stage} needs `model`: the policy to start from (an SFT stage, a model or an adapter folder).")
+    src = resolve_artifact(cfg.model, "model folder")
+    tokenizer = load_tokenizer(src)
+    rewards = Rewards.build(cfg.rewards, reward_model=cfg.reward_model, policy_tokenizer=tokenizer,
+                            policy_source=str(src), device=cfg.device or acc.device,
+                            allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch)
+
+    torch.manual_seed(cfg.train.seed)  # a fresh adapter's and the value head's initialisation
+    lm = load_base(src, cfg.adapter, acc.device)
+    prompts = load_prompts(cfg, tokenizer, context_length(lm), stage=stage)
+    rewards.check_rows(prompts.rows, prompts.wheres)
+    check_minibatches(cfg, cfg.rows_per_rollout(group))
+    base_dir = src
+    if cfg.adapter.enabled and is_adapter(src):
+        base_dir = rd.path / "base"  # the new adapter sits on the merged start, which must exist as a folder
+        if not (base_dir / "config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".base."))
+            save_model(lm, tokenizer, tmp)
+            replace_dir(tmp, base_dir)
+    ref = None
+    if reference and not cfg.adapter.enabled:
+        ref = PolicyValue(copy.deepcopy(lm).requires_grad_(False).eval(), value_head=False)
+    if cfg.adapter.enabled:
+        lm = apply_adapter(lm, cfg.adapter)
+    disable_dropout(lm)  # exact ratios and KL: no dropout noise between the score pass and the update
+    if getattr(lm, "hf_quantizer", None) is None:
+        lm.to(acc.device)
+        if ref is not None:
+            ref.to(acc.device)
+    net = PolicyValue(lm, value_head=value_head)
+    optimizer = make_optimizer(net, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
+    engine, optimizer = acc.prepare(net, optimizer)
+    s = Session(cfg, rd, stage, acc, tokenizer, lm, engine, ref, optimizer, scheduler, rewards, prompts, base_dir, group)
+    latest = ckpt.latest(rd.checkpoints) if resume else None
+    if latest is not None:
+        s.state = ckpt.load(latest, model=net, optimizer=optimizer, scheduler=scheduler, rank=0, world=1)
+        s.step = s.last_saved = s.state.pop("step")
+        for k in ("world_size", "files"):
+            s.state.pop(k, None)
+        rd.truncate_metrics(s.step)
+        _truncate_samples(rd, s.step)
+        rd.log(f"resumed from {latest.name}")
+        print(f"[{stage}] resumed from checkpoint {latest} at step {s.step}")
+    if cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        s.writer = SummaryWriter(str(rd.path / "tensorboard"), purge_step=s.step or None)
+    trainable, total = trainable_report(lm)
+    line = (f"{stage}: {total:,} parameters ({trainable:,} trainable, adapter {cfg.adapter.method}"
+            f"{', + value head' if value_head else ''}), {len(prompts.ids)} prompts ({prompts.skipped_too_long} too long "
+            f"for the context, skipped), rewards {', '.join(rewards.names)}, device {acc.device}")
+    print(line)
+    rd.log(line)
+    return s
+
+
+def _truncate_samples(rd: RunDir, step: int) -> None:
+    p = rd.path / "samples.jsonl"
+    if p.is_file():
+        keep = [x for x in p.read_text(encoding="utf-8").splitlines() if x and json.loads(x).get("step", 0) <= step]
+        atomic_write_text(p, "".join(x + "\n" for x in keep))
+
