@@ -69,9 +69,150 @@ def _stage_command(kind: str, summary: str) -> None:
     app.command(kind, help=summary)(command)
 
 
+_stage_command("world", "Generate the built-in invented world: pre-training, tokenizer, SFT, preference, GRPO and held-out eval data.")
 _stage_command("curate", "Clean, filter, de-duplicate and split raw text into Parquet shards, with a curation report.")
 _stage_command("tokenizer", "Train a byte-level BPE tokenizer (or reuse a local one) and save it in Hugging Face format.")
 _stage_command("pretrain", "Pre-train a causal LM from scratch or continue pre-training a local HF checkpoint.")
+_stage_command("reward", "Train a reward model (scalar head, Bradley-Terry loss) on preference pairs; saved in HF format.")
+_stage_command("dpo", "Preference optimisation: DPO, conservative DPO, IPO, RPO, SimPO, ORPO or KTO, fully or with LoRA/QLoRA.")
+_stage_command("rejection", "Rejection sampling (best-of-n): sample, score, keep the best; write SFT and preference data.")
+_stage_command("ppo", "RLHF with PPO: rollouts, KL-penalised reward (reward model or rules), GAE, clipped policy and value losses.")
+_stage_command("grpo", "GRPO: groups of responses per prompt, group-normalised rewards (rules or a reward model), KL to the reference.")
+_stage_command("feedback", "AI feedback: a judge ranks responses under written principles (both orders), or critique-and-revise; writes preference and SFT data.")
+
+
+@app.command("score")
+def score_cmd(
+    model: str = typer.Argument(..., help="A reward model: a reward stage folder or a HF sequence-classification folder."),
+    file: str = typer.Argument(..., help="Rows to score: prompt + response/completion, prompt + chosen/rejected, or messages."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output JSONL (default: <file name>.scored.jsonl)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences scored together."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
+) -> None:
+    """Score (prompt, response) rows with a reward model; pairs also get their pairwise accuracy."""
+    from lmforge.scoring import score_file
+
+    s = score_file(model, file, out, batch_size=batch_size, device=device)
+    print(" ".join(f"{k} {v}" for k, v in s.items()))
+_stage_command("sft", "Supervised fine-tuning on chat/Alpaca/prompt-completion data, fully or with LoRA/DoRA/prefix/QLoRA.")
+
+
+@app.command("merge")
+def merge_cmd(
+    base: str = typer.Argument(..., help="The base model folder (or stage folder) the adapter was trained on."),
+    adapter: str = typer.Argument(..., help="The adapter folder (PEFT format), or an sft stage folder."),
+    out: str = typer.Argument(..., help="Folder to write the merged Hugging Face model to."),
+) -> None:
+    """Merge a LoRA/DoRA/QLoRA adapter into its base and save one plain Hugging Face model."""
+    from lmforge.adapters import merge
+
+    r = merge(base, adapter, out)
+    print(f"merged {adapter} into {base} -> {r['out']} (max |logit difference| vs base+adapter: "
+          f"{r['max_abs_logit_diff']:.2e})")
+
+
+SAMPLING_HELP = (
+    "Sampling parameters as key=value: temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, "
+    "frequency_penalty, min_new_tokens, max_new_tokens, stop, stop_token_ids, n, seed, logprobs, skip_special_tokens "
+    "(lists in YAML: stop=[\"\\n\", \"###\"])."
+)
+MODEL_HELP = "Model: a local Hugging Face causal-LM folder, a stage folder (e.g. runs/default/sft), or a PEFT adapter folder."
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=SAMPLING_HELP, show_default=False),
+    prompts: str = typer.Option(..., "--prompts", help="JSONL (a \"prompt\" string or \"messages\" list per line) or a text file (one prompt per line)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output JSONL (default: <prompts>.completions.jsonl)."),
+    chat: bool = typer.Option(False, "--chat", help="Render each prompt as a user message with the chat template."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy (default 0.7)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.9)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens per completion (default 256)."),
+    n: Optional[int] = typer.Option(None, "-n", help="Completions per prompt (default 1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Completions decoded together."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+) -> None:
+    """Complete every prompt of a file with a model; write prompts, completions, token counts and finish reasons as JSONL."""
+    from lmforge.generation import generate_file, sampling_params
+
+    params = sampling_params(overrides or [], temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             n=n, seed=seed)
+    s = generate_file(model, prompts, out, params, chat=chat, max_batch=batch_size, device=device, dtype=dtype)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["finish_reasons"].items()))
+    skipped = f"; skipped {s['skipped_blank_lines']} blank line(s)" if s["skipped_blank_lines"] else ""
+    print(f"wrote {s['completions']} completions of {s['prompts']} prompts to {s['out']} ({s['completion_tokens']} tokens, "
+          f"{s['tokens_per_s']:.0f} tokens/s; finish reasons: {reasons}{skipped})", file=sys.stderr)
+
+
+@app.command("chat")
+def chat_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=SAMPLING_HELP, show_default=False),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt kept at the top of the conversation."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy (default 0.7)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.9)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens per reply (default 256)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+) -> None:
+    """Chat with a model in the terminal: streamed replies, /reset, /params temperature=0.2, /help."""
+    from lmforge.chat import chat
+    from lmforge.generation import sampling_params
+
+    params = sampling_params(overrides or [], temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             seed=seed)
+    chat(model, params, system=system, device=device, dtype=dtype)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Server settings as key=value (max_tokens, max_body_bytes, max_stop, max_n, max_queue, max_batch, access_log, ...).", show_default=False),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id clients pass as `model` (default: the folder name)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require this bearer key (default: $LMFORGE_API_KEY, if set)."),
+    max_concurrent: int = typer.Option(16, "--max-concurrent", help="Requests generated at once."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds before an unfinished request is cancelled."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    from lmforge.config import apply_overrides, validate
+    from lmforge.serve import ServeConfig, serve
+
+    data = {"model": model, "host": host, "port": port, "served_name": name, "api_key": api_key,
+            "max_concurrent": max_concurrent, "request_timeout_s": timeout, "device": device, "dtype": dtype}
+    serve(validate(ServeConfig, apply_overrides(data, overrides or []), where="serve options"))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model: a stage folder (runs/default/sft), a Hugging Face model folder or a PEFT adapter folder."),
+    suite: Optional[str] = typer.Argument(None, help="Suite YAML (a `tasks:` list); omit for the built-in world suite (recipes/eval_suite.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Eval config overrides as key=value (e.g. batch_size=8).", show_default=False),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="A data root NAME=FOLDER for task files written '@NAME/...' (repeatable), e.g. --data world=runs/default/world."),
+    name: Optional[str] = typer.Option(None, "--name", help="The model's name in the results (default: its folder name)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder to write results.json and answers.jsonl into (default: runs/eval/<name>-<suite>)."),
+    force: bool = typer.Option(False, "--force", help="Re-run even if this evaluation already completed with these inputs."),
+) -> None:
+    """Evaluate a model on a suite of tasks: metrics with sample sizes and 95% bootstrap intervals."""
+    from lmforge.eval.stage import cli_eval
+
+    cli_eval(model, suite, data or [], out=out, name=name, overrides=overrides or [], force=force)
+
+
+@app.command("report")
+def report_cmd(run_dir: str = typer.Argument(..., help="A run folder, e.g. runs/default.")) -> None:
+    """Rebuild a run's report.md and report.html from its stage folders (no model is re-run)."""
+    from lmforge.report import build_report
+
+    r = build_report(run_dir)
+    print(f"wrote {r['markdown']} and {r['html']} ({r['figures']} figures; stages: {', '.join(r['stages'])})")
 
 
 @app.command("schema")

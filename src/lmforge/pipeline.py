@@ -46,6 +46,9 @@ STAGES: dict[str, str] = {
     "dpo": "lmforge.train.dpo",
     "rejection": "lmforge.train.rejection",
     "sft": "lmforge.train.sft",
+    "ppo": "lmforge.train.ppo",
+    "grpo": "lmforge.train.grpo",
+    "feedback": "lmforge.train.feedback",
     "eval": "lmforge.eval.stage",
     "report": "lmforge.report",
 }
