@@ -78,3 +78,23 @@ def test_bits_per_byte_uses_exact_token_byte_lengths(setup):
     assert int(lengths[torch.tensor(ids)].sum()) == len(text.encode("utf-8"))
     assert lengths[tok.eos_token_id] == 0
     assert bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
+
+
+def test_long_documents_are_tokenised_in_exact_pieces(tmp_path, monkeypatch):
+    """A document longer than PIECE_CHARS is encoded piece by piece: same tokens as the whole."""
+    import lmforge.data.packing as packing
+
+    rng = np.random.default_rng(0)
+    # speech-like lines, plus whitespace runs and non-ASCII that must not be cut through
+    words = ["KING:", "thou", "art", "  so", "é,", "'tis", "\t", "1599", "中文", "!\n"]
+    doc = "\n".join(" ".join(rng.choice(words, 8)) for _ in range(400))
+    docs = [doc, "short one", doc[:999]]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"text": docs}), tmp_path / "data" / "train-00000.parquet")
+    tok = train_tokenizer(iter(docs), Config(vocab_size=400))
+    assert packing.cuts_exactly(tok)
+    monkeypatch.setattr(packing, "PIECE_CHARS", 100)
+    assert len(packing._pieces(doc, 100)) > 50 and "".join(packing._pieces(doc, 100)) == doc
+    tokens = load_tokens(token_file(tmp_path / "data", "train", tok, tmp_path / "tokens"))
+    expected = [t for d in docs for t in (*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+    assert tokens.tolist() == expected

@@ -12,8 +12,10 @@ a resumed run needs only its step count to continue on exactly the same data.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,56 @@ import torch
 from lmforge.data.corpus import iter_texts
 from lmforge.errors import LmforgeError
 from lmforge.rundir import atomic_write_json
+
+# A fast tokenizer keeps ~350 bytes of bookkeeping per input character while it encodes (a
+# 1 MB document costs ~390 MiB of RSS), so long documents are encoded in pieces (see `_pieces`)
+# and a batch is flushed once it holds this many characters: ~90 MiB at most.
+PIECE_CHARS = 1 << 16
+BATCH_CHARS = 1 << 18
+
+# A cut right after a newline that sits between two visible characters ("...word\nWord").
+_CUT = re.compile(r"(?<=[!-~\w]\n)(?=[!-~\w])")
+
+
+def cuts_exactly(tokenizer) -> bool:
+    """True when encoding `_pieces` of a text gives exactly the tokens of the whole text.
+
+    That holds for byte-level BPE with GPT-2's pre-tokenizer regex and no normalizer (lmforge's
+    own tokenizers, GPT-2's): the regex always ends a token before such a newline and makes the
+    newline a token of its own, and BPE merges never cross pre-token boundaries. Tokenizers with
+    a normalizer or a prefix space (SentencePiece's "▁" at the start of the text) are not cut.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    return (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and not pre.get("add_prefix_space", False)
+        and pre.get("use_regex", True)
+        and not any("\n" in t.get("content", "") for t in spec.get("added_tokens") or [])
+    )
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` cut at `_CUT` positions into pieces of at most about `size` characters (longer only
+    where no cut position falls within `size` characters)."""
+    if len(text) <= size:
+        return [text]
+    cuts = [m.start() for m in _CUT.finditer(text)]
+    pieces, start = [], 0
+    while len(text) - start > size:
+        i = bisect.bisect_right(cuts, start + size) - 1  # the last cut within reach
+        if i < 0 or cuts[i] <= start:
+            i = bisect.bisect_right(cuts, start)  # none: the first cut after start
+            if i == len(cuts):
+                break
+        pieces.append(text[start : cuts[i]])
+        start = cuts[i]
+    pieces.append(text[start:])
+    return pieces
 
 
 def token_file(data: str | Path, split: str, tokenizer, out_dir: Path, *, batch_docs: int = 512) -> Path:
@@ -32,28 +84,33 @@ def token_file(data: str | Path, split: str, tokenizer, out_dir: Path, *, batch_
         return path
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     eos = tokenizer.eos_token_id
+    piece_chars = PIECE_CHARS if cuts_exactly(tokenizer) else None
     tmp = path.with_suffix(".bin.tmp")
-    n_docs = n_tokens = n_bytes = 0
+    n_docs = n_tokens = n_bytes = buf_chars = 0
     with open(tmp, "wb") as f:
         buf: list[str] = []
+        ends: list[bool] = []  # buf[i] is the last piece of its document: EOS follows it
 
         def flush() -> None:
-            nonlocal n_tokens
-            nonlocal buf
+            nonlocal n_tokens, buf, ends, buf_chars
             if not buf:
                 return
             enc = tokenizer(buf, add_special_tokens=False)["input_ids"]
-            flat = np.fromiter((t for ids in enc for t in (*ids, eos)), dtype=dtype)
+            flat = np.fromiter((t for ids, end in zip(enc, ends) for t in (*ids, *((eos,) if end else ()))), dtype=dtype)
             f.write(flat.tobytes())
             n_tokens += len(flat)
-            buf = []
+            buf, ends, buf_chars = [], [], 0
 
         for text in iter_texts(data, split, required=(split == "train")):
-            buf.append(text)
             n_docs += 1
             n_bytes += len(text.encode("utf-8"))
-            if len(buf) >= batch_docs:
-                flush()
+            pieces = _pieces(text, piece_chars) if piece_chars else [text]
+            for i, piece in enumerate(pieces):
+                buf.append(piece)
+                ends.append(i == len(pieces) - 1)
+                buf_chars += len(piece)
+                if len(buf) >= batch_docs or buf_chars >= BATCH_CHARS:
+                    flush()
         flush()
     tmp.replace(path)
     atomic_write_json(meta_path, {"docs": n_docs, "tokens": n_tokens, "bytes": n_bytes, "dtype": np.dtype(dtype).name})
@@ -80,10 +137,6 @@ class PackedBlocks:
             )
         self._perm_epoch, self._perm = -1, None
 
-    def block(self, i: int) -> torch.Tensor:
-        s = i * self.seq_len
-        return torch.from_numpy(self.tokens[s : s + self.seq_len + 1].astype(np.int64))
-
     def index_at(self, position: int) -> int:
         """Block index visited at global sample `position` (epoch = position // n_blocks)."""
         epoch, j = divmod(position, self.n_blocks)
@@ -96,8 +149,15 @@ class PackedBlocks:
 
     def batch(self, start: int, size: int) -> dict:
         """Samples at positions start .. start+size-1 as a batch of inputs and targets."""
-        blocks = torch.stack([self.block(self.index_at(p)) for p in range(start, start + size)])  # (B, T+1)
-        return {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:], "n": blocks[:, 1:].numel()}
+        T = self.seq_len
+        # Each block is copied from the memmap straight into one int64 array (the dtype embedding
+        # lookups need): one copy per token, no per-block tensors to stack.
+        blocks = np.empty((size, T + 1), dtype=np.int64)  # (B, T+1)
+        for row, p in enumerate(range(start, start + size)):
+            s = self.index_at(p) * T
+            blocks[row] = self.tokens[s : s + T + 1]
+        blocks = torch.from_numpy(blocks)
+        return {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:], "n": size * T}
 
     def epochs(self, positions: int) -> float:
         return positions / self.n_blocks

@@ -47,7 +47,8 @@ class Config(Schema):
 
 def causal_lm_loss(model, batch: dict) -> LossOut:
     """Summed next-token cross-entropy; batch["labels"] are already shifted (B, T)."""
-    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    # use_cache=False: a training forward needs no key/value cache (HF builds one by default).
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="sum")
     return LossOut(loss)
 
