@@ -47,6 +47,7 @@ from transformers.cache_utils import DynamicLayer
 
 from lmforge.config import Schema
 from lmforge.errors import LmforgeError
+from lmforge.models import cache_kwarg
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
@@ -634,6 +635,7 @@ class Engine:
         self._pass_positions = "position_ids" in sig or open_kwargs
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in sig else (
             "num_logits_to_keep" if "num_logits_to_keep" in sig else None)
+        self._cache_kw = cache_kwarg(model)
         self.fast = _FastDecode.for_model(model) if fast_decode else None
         self.pending: deque[list[Row]] = deque()  # groups of n rows sharing a prompt
         self._clear()
@@ -723,7 +725,8 @@ class Engine:
             kw: dict[str, Any] = {"attention_mask": mask} if mask is not None else {}
             if self._pass_positions:
                 kw["position_ids"] = self.positions
-            logits = self.model(input_ids=self.next_tokens, past_key_values=self.cache, use_cache=True, **kw).logits[:, -1]
+            kw[self._cache_kw] = self.cache
+            logits = self.model(input_ids=self.next_tokens, use_cache=True, **kw).logits[:, -1]
         self.length += 1
         self.positions += 1  # the token sampled now sits one position after the one just fed
         if self.length >= self.mask.shape[1]:
@@ -753,7 +756,8 @@ class Engine:
             kw["attention_mask"] = mask
         if self._keep_kw:
             kw[self._keep_kw] = 1  # only the last position's logits: (B, 1, V), not (B, T, V)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kw)
+        kw[self._cache_kw] = cache
+        out = self.model(input_ids=ids, use_cache=True, **kw)
         logits = out.logits[:, -1]
         # n completions of one prompt share its prefill: repeat rows instead of recomputing.
         sizes = [len(g) for g in groups]

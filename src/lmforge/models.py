@@ -7,6 +7,7 @@ than the model's positions, a tokenizer larger than the embedding table).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -100,6 +101,21 @@ def check_compatible(model, tokenizer, seq_len: int, *, where: str) -> None:
             f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has {emb} rows; "
             "use the tokenizer the model was trained with."
         )
+
+
+def cache_kwarg(model) -> str:
+    """The forward keyword that takes a key/value cache: `cache` in recent transformers 5.x
+    (which deprecates `past_key_values` with a warning on every call), `past_key_values` in
+    earlier 5.x releases and in architectures not moved yet."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    m = getattr(m, "_orig_mod", m)  # torch.compile
+    return "cache" if "cache" in inspect.signature(type(m).forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The key/value cache a forward returned (named `cache` or `past_key_values` by version)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -60,7 +60,7 @@ from lmforge.data.formats import OnBadRows, ReadStats
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError, StopRun
 from lmforge.generation import Completion, SamplingParams, encode_prompts, generate
-from lmforge.models import context_length, save_model
+from lmforge.models import cache_kwarg, context_length, output_cache, save_model
 from lmforge.rewards import Rewards, RewardSpec
 from lmforge.rundir import RunDir, atomic_write_text, replace_dir, resolve_artifact
 from lmforge.train import checkpoint as ckpt
@@ -265,10 +265,10 @@ class PolicyValue(torch.nn.Module):
             logits = head.logits.repeat_interleave(group, 0)  # (B, 1, V): predicts response token 0
             h = head.hidden_states[-1][:, -1:].repeat_interleave(group, 0) if hidden else None
             if R > 1:  # response tokens 0..R-2 predict tokens 1..R-1 (the last one predicts nothing we score)
-                cache = head.past_key_values
+                cache = output_cache(head)
                 cache.batch_repeat_interleave(group)  # differentiable: gradients of the block add up in the prompt
                 rest = self.lm(input_ids=input_ids[:, n_prompt:-1], attention_mask=attention_mask[:, :-1],
-                               position_ids=pos[:, n_prompt:-1], past_key_values=cache, use_cache=True,
+                               position_ids=pos[:, n_prompt:-1], use_cache=True, **{cache_kwarg(self.lm): cache},
                                output_hidden_states=hidden)
                 logits = torch.cat([logits, rest.logits], 1)
                 h = torch.cat([h, rest.hidden_states[-1]], 1) if hidden else None
