@@ -69,3 +69,20 @@ def test_reuse_of_a_missing_folder_is_one_sentence(tmp_path):
     rd = RunDir(tmp_path / "t", "tokenizer", "tokenizer")
     with pytest.raises(LmforgeError, match="does not exist"):
         run(Config(reuse=str(tmp_path / "nope")), rd)
+
+
+def test_digits_are_single_tokens_unless_asked_otherwise(tmp_path):
+    from lmforge.data.tokenizer import train_tokenizer
+
+    texts = [f"What is {a} + {b}? It is {a + b}." for a in range(10, 99) for b in range(10, 30)]
+    split = train_tokenizer(iter(texts), Config(vocab_size=400))
+    merged = train_tokenizer(iter(texts), Config(vocab_size=400, split_digits=False))
+    for tok in (split, merged):
+        assert tok.decode(tok("What is 47 + 1203? It is 1250.", add_special_tokens=False)["input_ids"]) == \
+            "What is 47 + 1203? It is 1250."
+    pieces = [split.decode([i]) for i in split(" 1203", add_special_tokens=False)["input_ids"]]
+    assert pieces == [" ", "1", "2", "0", "3"]  # every digit its own token, the same at any length
+    assert len(merged(" 1203", add_special_tokens=False)["input_ids"]) < 4  # BPE merged digit runs
+    split.save_pretrained(tmp_path)  # the pre-tokenizer survives saving and AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(tmp_path))(" 1203", add_special_tokens=False)["input_ids"] == \
+        split(" 1203", add_special_tokens=False)["input_ids"]

@@ -46,6 +46,10 @@ class Config(Schema):
         None, description="Copy an existing local HF tokenizer folder instead of training (its own chat template is kept)."
     )
     eval_docs: int = Field(2000, ge=1, description="Validation documents used to measure bytes per token.")
+    split_digits: bool = Field(
+        True, description="Make every digit its own token (as Llama does): numbers then read the same way at any "
+        "length, which small models need to learn arithmetic; false = BPE merges digit runs like any text."
+    )
 
     @model_validator(mode="after")
     def _vocab_fits(self) -> "Config":
@@ -64,7 +68,9 @@ def train_tokenizer(texts: Iterator[str], cfg: Config):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if cfg.split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
