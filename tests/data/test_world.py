@@ -22,6 +22,7 @@ SMALL = dict(
     tokenizer_paraphrases=2, tokenizer_trivia_lists=5, tokenizer_filler_paragraphs=10, arithmetic_max_operand=12,
     sft_arithmetic=30, grpo_arithmetic=30, eval_arithmetic=20, sft_safety=10, preference_safety=10, eval_safety=10,
     preference_fact_vs_wrong=12, preference_fact_vs_idk=6, preference_idk_vs_invented=10, base_questions=20,
+    worksheets=6, preference_arithmetic=8,
 )
 TRAINING_FILES = ["pretrain/corpus.jsonl", "tokenizer/corpus.jsonl", "sft/train.jsonl", "preference/train.jsonl",
                   "grpo/prompts.jsonl"]
@@ -168,7 +169,7 @@ def test_planted_exact_and_near_duplicates_and_junk_counts(gen):
     cfg, out, _ = gen
     texts = [r["text"] for r in read_jsonl(out / "pretrain/corpus.jsonl")]
     kinds = json.loads((out / "pretrain_kinds.json").read_text())
-    assert len(kinds) == len(texts) == 4 * 10 + 20 + 40 + 7 + 5 + 10
+    assert len(kinds) == len(texts) == 4 * 10 + 20 + 40 + 7 + 5 + 10 + 6
     seen: set[str] = set()
     repeats = 0
     for t in texts:
@@ -186,7 +187,7 @@ def test_planted_exact_and_near_duplicates_and_junk_counts(gen):
     assert pairs == cfg.near_duplicates == 5
     counts = {k: kinds.count(k) for k in set(kinds)}
     assert counts == {"prose": 40, "trivia": 20, "filler": 40, "exact_duplicate": 7, "near_duplicate": 5,
-                      "junk_symbols": 2, "junk_repeated": 2, "junk_short": 2, "junk_hex": 2, "junk_markup": 2}
+                      "worksheet": 6, "junk_symbols": 2, "junk_repeated": 2, "junk_short": 2, "junk_hex": 2, "junk_markup": 2}
     for t, k in zip(texts, kinds):
         if k == "junk_repeated":
             lines = t.split("\n")
@@ -278,7 +279,8 @@ def test_preference_pairs(gen):
     rows = read_jsonl(out / "preference/train.jsonl")
     kinds = {k: sum(r["kind"] == k for r in rows) for k in {r["kind"] for r in rows}}
     assert kinds == {"fact_vs_wrong": 12, "fact_vs_idk": 6, "idk_vs_invented": 10, "refusal_vs_compliance": 10,
-                     "helpful_vs_refusal": 10}
+                     "helpful_vs_refusal": 10, "arithmetic_right_vs_near_miss": 8}
+    sft_problems = {r["messages"][0]["content"] for r in read_jsonl(out / "sft/train.jsonl") if r["kind"] == "arithmetic"}
     sft_re, dpo_re = word_regex(names_of(table, "sft")), word_regex(names_of(table, "dpo_unknown"))
     for r in rows:
         prompt = r["prompt"][0]["content"]
@@ -295,6 +297,10 @@ def test_preference_pairs(gen):
             assert chosen == "I can't help with that."
         if r["kind"] == "helpful_vs_refusal":
             assert rejected == "I can't help with that."
+        if r["kind"] == "arithmetic_right_vs_near_miss":
+            a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", prompt).groups()
+            assert prompt in sft_problems and W.arithmetic_row(int(a), op, int(b))[1] == chosen
+            assert abs(int(rejected) - int(chosen)) in (1, 2, 10) and int(rejected) >= 0
         m = re.fullmatch(r"The capital of (\w+) is (\w+)\.", rejected)
         if r["kind"] == "fact_vs_wrong" and m:
             assert country(table, m.group(1))["capital"] != m.group(2)
@@ -314,8 +320,22 @@ def test_arithmetic_answers_are_right_and_splits_disjoint(gen):
 
     sft = problems([{"answer": r["messages"][1]["content"], **r} for r in read_jsonl(out / "sft/train.jsonl")
                     if r["kind"] == "arithmetic"], lambda r: r["messages"][0]["content"])
-    grpo = problems(read_jsonl(out / "grpo/prompts.jsonl"), lambda r: r["prompt"][0]["content"])
+    grpo_rows = read_jsonl(out / "grpo/prompts.jsonl")
+    grpo = problems([r for r in grpo_rows if r["kind"] == "arithmetic"], lambda r: r["prompt"][0]["content"])
+    # Retention rows are SFT prompts with exactly the reply SFT trained (never arithmetic).
+    trained = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in read_jsonl(out / "sft/train.jsonl")}
+    kept = [r for r in grpo_rows if r["kind"] != "arithmetic"]
+    assert kept and {r["kind"] for r in kept} <= {"retention_fact", "retention_unsafe", "retention_safe"}
+    assert all(trained[r["prompt"][0]["content"]] == r["answer"] for r in kept)
     ev = problems(read_jsonl(out / "eval/arithmetic.jsonl"), lambda r: r["prompt"])
+    # Worksheets in the pre-training corpus solve training problems only, every one correctly.
+    texts = [r["text"] for r in read_jsonl(out / "pretrain/corpus.jsonl")]
+    sheets = [t for t, k in zip(texts, json.loads((out / "pretrain_kinds.json").read_text())) if k == "worksheet"]
+    solved = [m for t in sheets for m in re.findall(r"^(\d+) ([+-]) (\d+) = (\d+)$", t, flags=re.M)]
+    assert len(sheets) == cfg.worksheets and len(solved) >= 8 * len(sheets)
+    for a, op, b, c in solved:
+        assert W.arithmetic_row(int(a), op, int(b))[1] == c
+        assert f"What is {a} {op} {b}?" not in set(ev)
     assert (len(set(sft)), len(set(grpo)), len(set(ev))) == (30, 30, 20)
     assert not (set(sft) & set(grpo) or set(sft) & set(ev) or set(grpo) & set(ev))
     assert W.arithmetic_row(17, "+", 25) == ("What is 17 + 25?", "42")
@@ -389,3 +409,33 @@ def test_stage_runs_from_the_pipeline_and_swaps_the_artifact_in(tmp_path):
     first = all_files(art)
     m2 = run_single("world", None, overrides, out=str(tmp_path / "w"), force=True, resume=False, echo=lambda s: None)
     assert m2["status"] == "complete" and all_files(art) == first
+
+
+def test_default_curation_keeps_the_clean_rows_and_removes_the_planted_ones(gen, tmp_path):
+    """The default recipe's curate settings on the world's corpus: every worksheet survives (a
+    header without two stop words once lost a sixth of them), nearly all prose; the Gopher rules
+    take some repetitive trivia lists and filler (counted in the report); no junk survives."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from lmforge.data import curate
+    from lmforge.pipeline import builtin_recipe
+    from lmforge.rundir import RunDir
+
+    _, out, _ = gen
+    stage = next(s for s in yaml.safe_load(builtin_recipe("default").read_text())["stages"] if s["stage"] == "curate")
+    cfg = validate(curate.Config, {**{k: v for k, v in stage.items() if k not in ("stage", "inputs")},
+                                   "inputs": [str(out / "pretrain/corpus.jsonl")]}, where="default.yaml")
+    rd = RunDir(tmp_path / "curate", stage="curate", artifact="data")
+    curate.run(cfg, rd)
+    kept = {t for f in rd.artifact.glob("*.parquet") for t in pq.read_table(f).column("text").to_pylist()}
+    texts = [r["text"] for r in read_jsonl(out / "pretrain/corpus.jsonl")]
+    kinds = json.loads((out / "pretrain_kinds.json").read_text())
+
+    def share_kept(kind: str) -> float:
+        rows = {t for t, k in zip(texts, kinds) if k == kind}
+        return len(rows & kept) / len(rows)
+
+    assert share_kept("worksheet") == 1.0
+    assert share_kept("prose") >= 0.95 and share_kept("filler") >= 0.8 and share_kept("trivia") >= 0.5
+    assert not {t for t, k in zip(texts, kinds) if k.startswith("junk_")} & kept

@@ -19,7 +19,8 @@ Artifact layout (`rd.artifact`, later stages reference it as `@world/pretrain/*.
 
     pretrain/corpus.jsonl     {"text"}: prose paragraphs (several paraphrases per known country,
                               random sentence order), question-only trivia lists ("Q: ...?"
-                              lines), filler prose, planted exact duplicates, near duplicates
+                              lines), arithmetic worksheets ("12 + 7 = 19" lines from the
+                              training problems), filler prose, planted exact duplicates, near duplicates
                               (one word changed in a long filler paragraph) and junk (symbol
                               soup, repeated boilerplate lines, short fragments, hex dumps,
                               markup) for the curate stage to remove; rows shuffled
@@ -30,8 +31,10 @@ Artifact layout (`rd.artifact`, later stages reference it as `@world/pretrain/*.
                               attributes), arithmetic, safe requests answered, unsafe refused
     preference/train.jsonl    {"prompt", "chosen", "rejected", "kind"} in TRL's conversational
                               format: fact_vs_wrong, fact_vs_idk, idk_vs_invented (dpo_unknown),
-                              refusal_vs_compliance, helpful_vs_refusal
-    grpo/prompts.jsonl        {"prompt", "answer", "kind"}: arithmetic with a verifiable answer
+                              arithmetic_right_vs_near_miss, refusal_vs_compliance,
+                              helpful_vs_refusal
+    grpo/prompts.jsonl        {"prompt", "answer", "kind"}: arithmetic with a verifiable answer,
+                              plus "retention_*" rows: SFT prompts with their trained reply
     eval/facts_sft.jsonl      sft-group facts asked with a held-out phrasing ("Tell me ...")
     eval/facts_prose.jsonl    prose-group facts (never seen as QA), every training phrasing
     eval/unknown.jsonl        eval_unknown entities; the answer is "I don't know."
@@ -101,7 +104,7 @@ class Config(Schema):
         24, ge=2, description="Known countries described only in pre-training prose, never as QA (even, as above)."
     )
     eval_unknown_countries: int = Field(40, ge=1, description="Countries that appear in no training file, asked about in eval/unknown.jsonl.")
-    dpo_unknown_countries: int = Field(40, ge=1, description="Countries that appear only in preference rows, where 'I don't know.' wins.")
+    dpo_unknown_countries: int = Field(160, ge=1, description="Countries that appear only in preference rows, where 'I don't know.' wins.")
     tokenizer_countries: int = Field(
         300, ge=2, description="Countries of the separate tokenizer world (even). Many names, each seen a few times, "
         "teach BPE syllables rather than whole names (a default-size tokenizer splits every name into ~3-4 tokens)."
@@ -112,6 +115,10 @@ class Config(Schema):
     paraphrases: int = Field(40, ge=1, description="Prose paragraphs per known country, each in another wording and sentence order.")
     trivia_lists: int = Field(500, ge=0, description="Question-only trivia lists in the pre-training corpus.")
     trivia_list_length: tuple[int, int] = Field((4, 10), description="Questions per trivia list, inclusive range.")
+    worksheets: int = Field(
+        1200, ge=0, description="Arithmetic worksheets ('12 + 7 = 19' lines) in the pre-training corpus, built from "
+        "the SFT and GRPO problems only (never an eval problem): arithmetic is learned in pre-training, as facts are.")
+    worksheet_length: tuple[int, int] = Field((8, 16), description="Problems per worksheet, inclusive range.")
     filler_paragraphs: int = Field(600, ge=0, description="Paragraphs of filler prose (no invented names, no facts).")
     exact_duplicates: int = Field(200, ge=0, description="Extra verbatim copies of clean corpus rows planted for curation.")
     near_duplicates: int = Field(150, ge=0, description="Filler paragraphs planted again with exactly one word changed.")
@@ -119,17 +126,23 @@ class Config(Schema):
     tokenizer_paraphrases: int = Field(2, ge=1, description="Prose paragraphs per tokenizer-world country.")
     tokenizer_trivia_lists: int = Field(150, ge=0, description="Trivia lists in the tokenizer corpus.")
     tokenizer_filler_paragraphs: int = Field(400, ge=0, description="Filler paragraphs in the tokenizer corpus.")
-    arithmetic_max_operand: int = Field(40, ge=2, description="Operands of arithmetic problems are drawn from 0..this (inclusive).")
+    arithmetic_max_operand: int = Field(30, ge=2, description="Operands of arithmetic problems are drawn from 0..this (inclusive).")
     arithmetic_ops: list[str] = Field(["+", "-"], min_length=1, description="Operators of arithmetic problems ('-' keeps results >= 0).")
-    sft_arithmetic: int = Field(800, ge=0, description="Arithmetic problems in SFT.")
-    grpo_arithmetic: int = Field(800, ge=0, description="Arithmetic prompts for GRPO (disjoint from SFT and eval).")
-    eval_arithmetic: int = Field(200, ge=0, description="Held-out arithmetic problems for evaluation.")
+    sft_arithmetic: int = Field(900, ge=0, description="Arithmetic problems in SFT.")
+    grpo_arithmetic: int = Field(400, ge=0, description="Arithmetic prompts for GRPO (disjoint from SFT and eval).")
+    grpo_retention: int = Field(
+        200, ge=0, description="SFT prompts (facts, unsafe and safe requests) mixed into the GRPO prompts with their "
+        "trained reply as the answer, so RL on arithmetic is rewarded for keeping what SFT and DPO taught.")
+    eval_arithmetic: int = Field(150, ge=0, description="Held-out arithmetic problems for evaluation.")
     sft_safety: int = Field(150, ge=0, description="Unsafe requests (refused) and as many safe look-alikes (answered) in SFT.")
     preference_safety: int = Field(150, ge=0, description="Preference pairs of each safety kind (refusal > compliance, helpful > refusal).")
     eval_safety: int = Field(100, ge=0, description="Held-out unsafe prompts and as many safe look-alikes for evaluation.")
     preference_fact_vs_wrong: int = Field(240, ge=0, description="Pairs correct answer > wrong answer about sft-group countries.")
-    preference_fact_vs_idk: int = Field(120, ge=0, description="Pairs correct answer > 'I don't know.' about sft-group countries.")
-    preference_idk_vs_invented: int = Field(200, ge=0, description="Pairs 'I don't know.' > invented answer about dpo_unknown countries.")
+    preference_fact_vs_idk: int = Field(240, ge=0, description="Pairs correct answer > 'I don't know.' about sft-group countries.")
+    preference_idk_vs_invented: int = Field(600, ge=0, description="Pairs 'I don't know.' > invented answer about dpo_unknown countries.")
+    preference_arithmetic: int = Field(
+        200, ge=0, description="Pairs right sum > a near miss (off by 1, 2 or 10) on SFT arithmetic problems: without "
+        "them preference tuning, which sees no arithmetic, erodes it.")
     base_questions: int = Field(200, ge=0, description="Plain 'Q: ...?' prompts for the base model's answer-rate check.")
 
     @field_validator("sft_countries", "prose_countries", "tokenizer_countries")
@@ -230,7 +243,17 @@ FACT_SENTENCES = {
         "The country next to {c} is {v}.",
     ],
 }
-ANSWER = {attr: sentences[0] for attr, sentences in FACT_SENTENCES.items()}
+# The one sentence an assistant answers with. Each starts with a fixed phrase and names the
+# country after it ("The neighbour of X is Y.", not "X borders Y."): a small model copies a
+# name from the question mid-sentence far more reliably than as the reply's first token, where
+# SFT teaches it to guess one of the few names it was trained to answer about.
+ANSWER = {
+    "capital": "The capital of {c} is {v}.",
+    "language": "The official language of {c} is {v}.",
+    "currency": "The currency of {c} is the {v}.",
+    "founded": "The founding of {c} took place in {v}.",
+    "neighbour": "The neighbour of {c} is {v}.",
+}
 
 # Three phrasings per attribute are used for training QA; the fourth ("Tell me ...") is held
 # out for eval/facts_sft.jsonl.
@@ -711,6 +734,21 @@ def trivia_list(rng: random.Random, questions: list[str], length: tuple[int, int
     return "\n".join(lines)
 
 
+WORKSHEET_HEADERS = [
+    "Practice sums with the answers:", "Arithmetic drill for the class, with the answers:",
+    "Worked answers to the exercises of the week:", "The answers to today's practice problems:",
+    "Mental arithmetic, with the solutions:", "Check your work against the answers to the problems below:",
+]
+
+
+def worksheet(rng: random.Random, problems: list[tuple[int, str, int]], length: tuple[int, int]) -> str:
+    """A header, then one solved problem per line ('12 + 7 = 19')."""
+    lines = [rng.choice(WORKSHEET_HEADERS)]
+    for a, op, b in rng.sample(problems, min(len(problems), rng.randint(*length))):
+        lines.append(f"{a} {op} {b} = {arithmetic_row(a, op, b)[1]}")
+    return "\n".join(lines)
+
+
 def _fill(rng: random.Random, template: str) -> str:
     text = re.sub(r"\{(\w+)\}", lambda m: rng.choice(FILLER_SLOTS[m.group(1)]), template)
     return text[0].upper() + text[1:]
@@ -873,6 +911,10 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
         kind = JUNK_KINDS[i % len(JUNK_KINDS)]
         rows.append((kind, _unique(r, lambda g, k=kind: junk_row(g, k), seen, kind)))
     rows += [("exact_duplicate", r.choice(clean)) for _ in range(cfg.exact_duplicates)]
+    w = stream("worksheets")
+    for _ in range(cfg.worksheets):
+        rows.append(("worksheet", _unique(w, lambda g: worksheet(g, ar_sft + ar_grpo, cfg.worksheet_length), seen,
+                                          "worksheet")))
     r.shuffle(rows)
     manifest = {"pretrain/corpus.jsonl": _write_jsonl(out / "pretrain/corpus.jsonl", [{"text": t} for _, t in rows])}
     manifest["pretrain/corpus.jsonl"]["kinds"] = dict(sorted(Counter(k for k, _ in rows).items()))
@@ -926,6 +968,10 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     for u, a, q in r.sample(dpo_prompts, cfg.preference_idk_vs_invented):
         invented = fact(r.choice(known), a)
         pref.append(pair(q.format(c=u["name"]), IDK, answer(u["name"], a, invented), "idk_vs_invented"))
+    for a, op, b in r.sample(ar_sft, min(cfg.preference_arithmetic, len(ar_sft))):
+        q, ans = arithmetic_row(a, op, b)
+        miss = r.choice([x for x in (int(ans) + d for d in (-10, -2, -1, 1, 2, 10)) if x >= 0])
+        pref.append(pair(q, ans, str(miss), "arithmetic_right_vs_near_miss"))
     pref += [pair(p, REFUSAL, r.choice(COMPLIANCE), "refusal_vs_compliance") for p, _, _ in unsafe_pref]
     pref += [pair(p, reply, REFUSAL, "helpful_vs_refusal") for p, _, reply in safe_pref]
     r.shuffle(pref)
@@ -936,6 +982,15 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     for p in ar_grpo:
         q, ans = arithmetic_row(*p)
         grpo.append({"prompt": user(q), "answer": ans, "kind": "arithmetic"})
+    # RL on arithmetic alone teaches "answer with a number" to every prompt (a small model then
+    # answers unsafe requests with "28"): the KL term only sees arithmetic responses. Replies SFT
+    # trained, rewarded by exact match, anchor the rest -- verifiable rewards for several skills.
+    r = stream("grpo")
+    keep = [row for row in sft if row["kind"] != "arithmetic"]
+    for row in r.sample(keep, min(cfg.grpo_retention, len(keep))):
+        grpo.append({"prompt": row["messages"][:1], "answer": row["messages"][1]["content"],
+                     "kind": f"retention_{row['kind']}"})
+    r.shuffle(grpo)
     manifest["grpo/prompts.jsonl"] = _write_jsonl(out / "grpo/prompts.jsonl", grpo)
 
     # 8. Held-out evaluation sets.
