@@ -68,7 +68,9 @@ def recipe(run_dir: Path, models: dict, gates: list | None = None) -> Path:
     r = {"name": run_dir.name, "out_dir": str(run_dir.parent), "stages": [
         {"stage": "eval", "models": models, "data": {"d": str(data)}, "tasks": tasks, "batch_size": 4,
          "bootstrap": {"n_resamples": 200}, "gates": gates or []},
-        {"stage": "report", "examples_per_task": 1},
+        {"stage": "report", "examples_per_task": 1, "expectations": [
+            {"claim": "a loss below 1000", "metric": "heldout.loss", "model": "sft", "at_most": 1000},
+            {"claim": "sft answers every prompt", "metric": "echo.answer_rate", "model": "sft", "at_least": 100.01}]},
     ]}
     path = run_dir.parent / "recipe.yaml"
     path.write_text(yaml.safe_dump(r, sort_keys=False))
@@ -119,6 +121,11 @@ def test_report_stage_writes_every_section(run_dir):
     assert "| plain | plain | 3/3 | 0.8 | 1.0 | 5 | 0.0 | 1.0 | 4 | [] | 3 |" in md
     assert f"| cpu_count | {os.cpu_count()} |" in md
 
+    # The report stage's expectations, checked against the eval results.
+    assert "1 of 2 met, checked against the last evaluation (eval)." in md
+    assert "| a loss below 1000 | heldout.loss | sft | " in md and "| <= 1000 | yes |" in md
+    assert "| sft answers every prompt | echo.answer_rate | sft | " in md and "| >= 100.01 | NO |" in md
+
     html = (run_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "<td>min_words</td><td>12</td>" in html
     assert (run_dir / "report/report/report.html").read_text() == html
@@ -148,3 +155,34 @@ def test_lmforge_report_rebuilds_after_a_failed_gate(run_dir):
     assert f"| heldout.loss | {worse} | {better} |" in md and "| FAILED |" in md
     assert f"Pipeline output: {better} ({paths[better]})." in md
     assert f"| metric | n | chance | {better} | {worse} | Δ {worse} |" in md
+    assert "1 of 2 met" in md  # the rebuild reads the expectations from the run's report stage
+
+
+def test_expectations_are_checked_in_display_units():
+    from lmforge.report import Expectation, check_expectations
+
+    def est(v, lo, hi, chance=None, groups=None):
+        return {"value": v, "ci_low": lo, "ci_high": hi, "n": 100, "rate": True, "higher_is_better": True,
+                "chance": chance, "groups": groups}
+
+    res = {"order": ["sft", "dpo"], "results": {
+        "sft": {"unknown.hallucination_rate": est(0.95, 0.9, 0.99), "facts.accuracy": est(
+            0.5, 0.4, 0.6, groups={"capital": est(0.12, 0.06, 0.2, chance=0.03)})},
+        "dpo": {"unknown.hallucination_rate": est(0.60, 0.5, 0.7), "facts.accuracy": est(0.46, 0.36, 0.56)}},
+        "deltas": {"dpo": {"unknown.hallucination_rate": {"value": -0.35, "ci_low": -0.45, "ci_high": -0.25}}}}
+    exps = [
+        Expectation(claim="30 points fewer", metric="unknown.hallucination_rate", model="dpo", against="sft", at_most=-30),
+        Expectation(claim="40 points fewer", metric="unknown.hallucination_rate", model="dpo", against="sft", at_most=-40),
+        Expectation(claim="facts kept", metric="facts.accuracy", model="dpo", against="sft", at_least=-5),
+        Expectation(claim="4x chance", metric="facts.accuracy/capital", model="sft", times_chance=True, at_least=3),
+        Expectation(claim="rate", metric="facts.accuracy", model="dpo", at_least=40, at_most=50),
+        Expectation(claim="missing", metric="facts.accuracy", model="grpo", at_least=1),
+    ]
+    got = check_expectations(res, exps)
+    assert [c["met"] for c in got] == [True, False, True, True, True, None]
+    assert got[0]["value"] == pytest.approx(-35.0) and got[0]["ci"] == pytest.approx((-45.0, -25.0))  # paired CI
+    assert got[2]["value"] == pytest.approx(-4.0)
+    assert got[3]["value"] == pytest.approx(4.0) and got[3]["ci"] == pytest.approx((2.0, 0.2 / 0.03))
+    assert got[4]["value"] == pytest.approx(46.0) and got[4]["ci"] == pytest.approx((36.0, 56.0))
+    with pytest.raises(ValueError, match="at_least or at_most"):
+        Expectation(claim="x", metric="a.b", model="m")

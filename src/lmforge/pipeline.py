@@ -234,9 +234,15 @@ def run_recipe(path: str | Path, overrides: list[str] = (), *, force: bool = Fal
     recipe = validate(Recipe, data, where=str(path))
     planned = plan(recipe, where=str(path), overrides=list(overrides))
     echo(f"Recipe {recipe.name}: {' -> '.join(p.name for p in planned)} (outputs in {Path(recipe.out_dir) / recipe.name})")
-    results = []
+    results, seconds = [], []
+    t0 = time.time()
     for st in planned:
+        t = time.time()
         results.append(run_stage(st, force=force, echo=echo))
+        seconds.append(time.time() - t)  # a skipped stage costs ~0 s
+    total = time.time() - t0
+    parts = ", ".join(f"{st.name} {sec:.1f}s" for st, sec in zip(planned, seconds))
+    echo(f"Recipe {recipe.name} finished in {int(total // 60)}m{int(total % 60):02d}s wall ({parts}).")
     return results
 
 

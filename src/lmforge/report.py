@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from lmforge.config import Schema
+from lmforge.config import Schema, load_yaml, validate
 from lmforge.errors import LmforgeError
 from lmforge.rundir import RunDir, atomic_write_json, atomic_write_text, read_manifest, replace_dir
 
@@ -40,12 +40,38 @@ INPUTS = {"eval": "eval"}
 FIGURES = "report_figures"
 
 
+class Expectation(Schema):
+    """A claim about the evaluated models that the report checks and shows, e.g. "after DPO the
+    hallucination rate is at least 30 points lower than after SFT". It never fails the run:
+    regression gates (eval stage) do that; an expectation states what a run should show."""
+
+    claim: str = Field(description="The claim in words, shown in the report.")
+    metric: str = Field(description="<task>.<metric>, or <task>.<metric>/<group> for one group's value "
+                        "(e.g. facts_prose.accuracy/capital).")
+    model: str = Field(description="The model the claim is about (a name in the eval stage's `models`).")
+    against: str | None = Field(None, description="Check the difference model - against instead of the value "
+                                "(percentage points for rates).")
+    times_chance: bool = Field(False, description="Check the value as a multiple of the metric's chance baseline.")
+    at_least: float | None = Field(None, description="Lower bound (percent for rates, points for differences).")
+    at_most: float | None = Field(None, description="Upper bound (same units).")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "Expectation":
+        if self.at_least is None and self.at_most is None:
+            raise ValueError("an expectation needs at_least or at_most")
+        if self.times_chance and self.against:
+            raise ValueError("times_chance and against cannot be combined")
+        return self
+
+
 class Config(Schema):
     run_dir: str | None = Field(None, description="The run folder to report on; None = the folder holding this stage.")
     eval: str | None = Field(None, description="An eval stage folder (filled in by the recipe runner: when it changes, "
                              "the report is rebuilt). Every eval stage in the run folder is reported either way.")
     examples_per_task: int = Field(2, ge=0, description="Prompts per generation task shown with every model's answer.")
     answer_chars: int = Field(300, ge=20, description="Longest answer text shown; longer answers are cut with '...'.")
+    expectations: list[Expectation] = Field(default_factory=list, description="Claims checked against the last eval "
+                                            "stage's results and shown in the report (see Expectation).")
 
 
 def machine_info() -> dict:
@@ -124,6 +150,60 @@ def collect(run_dir: Path) -> dict:
             evals.append({"stage": s["name"], "results": json.loads(res.read_text()),
                           "answers": _read_jsonl(s["artifact"] / "answers.jsonl")})
     return {"run_dir": run_dir, "stages": stages, "evals": evals}
+
+
+def check_expectations(results: dict, expectations: list[Expectation]) -> list[dict]:
+    """Each expectation with its measured value (display units: percent for rates), interval and verdict
+    (met None: a model or metric it names was not evaluated)."""
+    def est(model: str, name: str, group: str) -> dict | None:
+        m = results["results"].get(model, {}).get(name)
+        return (m.get("groups") or {}).get(group) if m and group else m
+
+    out = []
+    for e in expectations:
+        name, _, group = e.metric.partition("/")
+        row: dict[str, Any] = {**e.model_dump(), "value": None, "ci": None, "met": None}
+        mine, other = est(e.model, name, group), est(e.against, name, group) if e.against else None
+        top = results["results"].get(e.model, {}).get(name) or {}
+        scale = 100.0 if top.get("rate") else 1.0
+        if mine is None or mine.get("value") is None or (e.against and (other is None or other.get("value") is None)):
+            out.append(row)
+            continue
+        if e.times_chance:
+            if not mine.get("chance"):
+                out.append(row)
+                continue
+            value = mine["value"] / mine["chance"]
+            ci = (mine["ci_low"] / mine["chance"], mine["ci_high"] / mine["chance"]) if mine.get("ci_low") is not None else None
+        elif e.against:
+            value = scale * (mine["value"] - other["value"])
+            paired = results.get("deltas", {}).get(e.model, {}).get(name) if not group else None
+            order = results.get("order") or []
+            previous = order[order.index(e.model) - 1] if e.model in order and order.index(e.model) > 0 else None
+            ci = ((scale * paired["ci_low"], scale * paired["ci_high"])
+                  if paired and previous == e.against and paired.get("ci_low") is not None else None)
+        else:
+            value = scale * mine["value"]
+            ci = (scale * mine["ci_low"], scale * mine["ci_high"]) if mine.get("ci_low") is not None else None
+        met = (e.at_least is None or value >= e.at_least) and (e.at_most is None or value <= e.at_most)
+        out.append({**row, "value": value, "ci": ci, "met": met})
+    return out
+
+
+def _threshold(e: dict) -> str:
+    unit = "x chance" if e["times_chance"] else (f"points vs {e['against']}" if e["against"] else "")
+    parts = ([f">= {e['at_least']:g}"] if e["at_least"] is not None else []) + \
+        ([f"<= {e['at_most']:g}"] if e["at_most"] is not None else [])
+    return " and ".join(parts) + (f" {unit}" if unit else "")
+
+
+def _report_expectations(run_dir: Path) -> list[Expectation]:
+    """The expectations of the run's report stage (so `lmforge report RUN_DIR` rebuilds the same report)."""
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        m = read_manifest(d)
+        if m and m.get("stage") == "report" and (d / "config.yaml").is_file():
+            return validate(Config, load_yaml(d / "config.yaml"), where=str(d / "config.yaml")).expectations
+    return []
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +340,8 @@ def loss_figure(stage: dict, out: Path) -> Path | None:
     return path
 
 
-def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int = 2, answer_chars: int = 300) -> Doc:
+def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int = 2, answer_chars: int = 300,
+              checks: list[dict] = ()) -> Doc:
     """The report's sections; figures are drawn into `figures` and referenced at `final` (where
     the caller moves them once complete)."""
     run_dir: Path = info["run_dir"]
@@ -303,6 +384,17 @@ def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int 
         doc.h(2, "Loss curves")
         for s, p in curves:
             doc.img(final / p.name, f"loss curve of {s['name']}")
+
+    if checks:
+        met = sum(c["met"] is True for c in checks)
+        doc.h(2, "Expectations")
+        doc.p(f"{met} of {len(checks)} met, checked against the last evaluation ({info['evals'][-1]['stage']}). "
+              "Values in percent for rates, points for differences; [low, high] is the 95% interval where one exists.")
+        doc.table(["claim", "metric", "model", "measured", "expected", "met"],
+                  [[c["claim"], c["metric"], c["model"] + (f" - {c['against']}" if c["against"] else ""),
+                    "-" if c["value"] is None else f"{c['value']:.1f}"
+                    + (f" [{c['ci'][0]:.1f}, {c['ci'][1]:.1f}]" if c["ci"] else ""),
+                    _threshold(c), {True: "yes", False: "NO", None: "not evaluated"}[c["met"]]] for c in checks])
 
     for ev in info["evals"]:
         _eval_sections(doc, ev, examples_per_task=examples_per_task, answer_chars=answer_chars)
@@ -393,13 +485,19 @@ def _clip(text: str, n: int) -> str:
 # Writing
 
 
-def build_report(run_dir: str | Path, *, examples_per_task: int = 2, answer_chars: int = 300) -> dict:
-    """Write <run_dir>/report.md, report.html and report_figures/; returns what was written."""
+def build_report(run_dir: str | Path, *, examples_per_task: int = 2, answer_chars: int = 300,
+                 expectations: list[Expectation] | None = None) -> dict:
+    """Write <run_dir>/report.md, report.html and report_figures/; returns what was written.
+    expectations None = those of the run's report stage, if it has one."""
     run_dir = Path(run_dir)
     info = collect(run_dir)
+    if expectations is None:
+        expectations = _report_expectations(run_dir)
+    checks = check_expectations(info["evals"][-1]["results"], expectations) if info["evals"] else []
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{FIGURES}."))
     try:
-        doc = build_doc(info, tmp, run_dir / FIGURES, examples_per_task=examples_per_task, answer_chars=answer_chars)
+        doc = build_doc(info, tmp, run_dir / FIGURES, examples_per_task=examples_per_task, answer_chars=answer_chars,
+                        checks=checks)
         n_figures = len(list(tmp.glob("*.png")))
         replace_dir(tmp, run_dir / FIGURES)
     finally:
@@ -408,13 +506,15 @@ def build_report(run_dir: str | Path, *, examples_per_task: int = 2, answer_char
     atomic_write_text(run_dir / "report.md", doc.markdown(run_dir))
     atomic_write_text(run_dir / "report.html", doc.html(f"lmforge report: {run_dir.name}"))
     return {"markdown": str(run_dir / "report.md"), "html": str(run_dir / "report.html"), "figures": n_figures,
-            "stages": [s["name"] for s in info["stages"]], "evals": [e["stage"] for e in info["evals"]]}
+            "stages": [s["name"] for s in info["stages"]], "evals": [e["stage"] for e in info["evals"]],
+            "expectations": checks}
 
 
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     """The `report` stage: build the run's report, and keep a copy in this stage's artifact."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else rd.path.parent
-    out = build_report(run_dir, examples_per_task=cfg.examples_per_task, answer_chars=cfg.answer_chars)
+    out = build_report(run_dir, examples_per_task=cfg.examples_per_task, answer_chars=cfg.answer_chars,
+                       expectations=cfg.expectations)
     tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".report."))
     try:
         shutil.copy2(run_dir / "report.html", tmp / "report.html")  # self-contained: figures inlined
@@ -424,5 +524,10 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"report: {out['markdown']} and {out['html']} ({out['figures']} figures)")
+    for c in out["expectations"]:
+        verdict = {True: "met", False: "NOT MET", None: "not evaluated"}[c["met"]]
+        value = "-" if c["value"] is None else f"{c['value']:.1f}"
+        print(f"  expectation {verdict}: {c['claim']} ({c['metric']}, {c['model']}"
+              f"{' - ' + c['against'] if c['against'] else ''}: {value}, expected {_threshold(c)})")
     rd.log(f"report written to {out['markdown']}")
     return out
