@@ -14,8 +14,10 @@ optimizer settings (AdamW, betas, weight decay, warmup + cosine, clipping at 1.0
              report_to=[], dataloader_num_workers=0, logging every `warmup` steps, its default
              optimizer (adamw_torch_fused), the default collator over a Dataset of blocks, the
              model computing its own loss from `labels` (the usual HF recipe).
-  lmforge    the real `lmforge pretrain CONFIG.yaml` CLI (it tokenises the text itself), logging
-             every `warmup` steps, no checkpoints, no evaluation split, no TensorBoard.
+  lmforge    the real `lmforge pretrain CONFIG.yaml` CLI, logging every `warmup` steps, no
+             checkpoints, no evaluation split, no TensorBoard. Its run folder starts with the
+             reference's token file (the stage reuses a token file it finds), so both sides train
+             on the same tokens and neither process spends time or memory tokenising.
 
 Each side runs in its own subprocess, so its peak RSS (`wait4` rusage of that child alone) is
 its own. Sides alternate (ref, lmforge, ref, lmforge, ...) and medians are reported, so a busy
@@ -96,17 +98,16 @@ def run_reference(args) -> dict:
     """A plain `transformers.Trainer` run (runs inside its own subprocess)."""
     import numpy as np
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from lmforge.config import ModelSpec
-    from lmforge.data.packing import load_tokens
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.models import build_model
+    from lmforge.models import build_model  # the same HF config and seeded init as lmforge's side
 
     spec, seq_len, batch, _, _ = SIZES[args.size]
-    tok = load_tokenizer(args.work / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(args.work / "tokenizer"))
     model = build_model(ModelSpec(**spec), tok, seed=SEED)
-    tokens = load_tokens(args.work / "tokens" / "train.bin")
+    meta = json.loads((args.work / "tokens" / "train.json").read_text())
+    tokens = np.memmap(args.work / "tokens" / "train.bin", dtype=meta["dtype"], mode="r")
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):
@@ -211,13 +212,10 @@ def peak_matmul_flops(n: int = 2048, repeats: int = 10, trials: int = 5) -> floa
     return best
 
 
-def bench_size(args, data: Path, tok_dir: Path, params: int) -> dict:
+def bench_size(args, data: Path, tok_dir: Path, params: int, env: dict) -> dict:
     import yaml
 
     _, seq_len, batch, _, _ = SIZES[args.size]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     sides = ["reference", "lmforge"] + (["lmforge+compile"] if args.compile else [])
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     common = ["--size", args.size, "--steps", str(args.steps), "--warmup", str(args.warmup), "--work", str(args.work)]
@@ -285,6 +283,22 @@ def print_table(results: dict, peak: float) -> None:
     print("MFU = tok/s x 6 x params / peak fp32 matmul FLOP/s.")
 
 
+def run_setup(args) -> dict:
+    """Data, tokenizer, token file, parameter counts and the matmul peak (inside a subprocess)."""
+    import torch
+
+    from lmforge.config import ModelSpec
+    from lmforge.models import build_model, count_parameters
+
+    data, tok_dir = prepare(args.work, args.text)
+    from lmforge.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    params = {k: count_parameters(build_model(ModelSpec(**v[0]), tok, seed=SEED))[0] for k, v in SIZES.items()}
+    return {"data": str(data), "tokenizer": str(tok_dir), "params": params, "peak_flops": peak_matmul_flops(),
+            "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=[*SIZES, "both"], default="both")
@@ -295,46 +309,49 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run (default: torch's).")
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="Plain-text training data.")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "pretrain-work")
-    ap.add_argument("--child", choices=["reference", "lmforge"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["reference", "lmforge", "setup", "peak"], help=argparse.SUPPRESS)
     ap.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
-        res = run_reference(args) if args.child == "reference" else run_lmforge(args)
-        print(json.dumps(res))
+        run = {"reference": run_reference, "lmforge": run_lmforge, "setup": run_setup,
+               "peak": lambda a: {"peak_flops": peak_matmul_flops()}}[args.child]
+        print(json.dumps(run(args)))
         return
 
+    # This process imports neither torch nor transformers: a child's peak RSS (ru_maxrss) starts
+    # from what it inherits at fork, so a heavy parent would set every child's floor.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    data, tok_dir = prepare(args.work, args.text)
-    from lmforge.config import ModelSpec
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.models import build_model, count_parameters
-
-    tok = load_tokenizer(tok_dir)
-    peak = peak_matmul_flops()
+    helper = [sys.executable, __file__, "--work", str(args.work), "--text", str(args.text), "--child"]
+    rc, out, err, _ = child([*helper, "setup"], env, args.work / "setup")
+    if rc != 0:
+        sys.exit(f"setup failed (exit {rc}):\n{err[-3000:]}")
+    setup = json.loads(out.strip().splitlines()[-1])
+    data, tok_dir = Path(setup["data"]), Path(setup["tokenizer"])
     results = {}
     for size in (list(SIZES) if args.size == "both" else [args.size]):
         sub = argparse.Namespace(**vars(args))
         sub.size = size
         sub.steps = args.steps or SIZES[size][3]
         sub.warmup = args.warmup or SIZES[size][4]
-        params = count_parameters(build_model(ModelSpec(**SIZES[size][0]), tok, seed=SEED))[0]
+        params = setup["params"][size]
         print(f"{size}: {params:,} parameters, batch {SIZES[size][2]} x {SIZES[size][1]} tokens, "
-              f"{sub.steps} timed steps after {sub.warmup}", flush=True)
-        results[size] = bench_size(sub, data, tok_dir, params)
-    peak = max(peak, peak_matmul_flops())  # measured again after the runs: the better of the two
+              f"{sub.steps} timed steps after {sub.warmup}, {setup['threads']} threads", flush=True)
+        results[size] = bench_size(sub, data, tok_dir, params, env)
+    rc, out, _, _ = child([*helper, "peak"], env, args.work / "peak")  # again after the runs: the better
+    peak = max(setup["peak_flops"], json.loads(out.strip().splitlines()[-1])["peak_flops"] if rc == 0 else 0.0)
     for r in results.values():
         for v in r["sides"].values():
             v["mfu"] = v["tokens_per_s"] * 6 * r["params"] / peak
     print_table(results, peak)
-    out = ROOT / "out" / "bench_pretrain.json"
-    out.write_text(json.dumps({"peak_flops": peak, "threads": args.threads, "results": results}, indent=2))
-    print(f"wrote {out}")
+    out_path = ROOT / "out" / "bench_pretrain.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"peak_flops": peak, "threads": setup["threads"], "results": results}, indent=2))
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":
