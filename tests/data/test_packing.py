@@ -80,7 +80,8 @@ def test_bits_per_byte_uses_exact_token_byte_lengths(setup):
     assert bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
 
 
-def test_long_documents_are_tokenised_in_exact_pieces(tmp_path, monkeypatch):
+@pytest.mark.parametrize("split_digits", [True, False])
+def test_long_documents_are_tokenised_in_exact_pieces(tmp_path, monkeypatch, split_digits):
     """A document longer than PIECE_CHARS is encoded piece by piece: same tokens as the whole."""
     import lmforge.data.packing as packing
 
@@ -91,7 +92,7 @@ def test_long_documents_are_tokenised_in_exact_pieces(tmp_path, monkeypatch):
     docs = [doc, "short one", doc[:999]]
     (tmp_path / "data").mkdir()
     pq.write_table(pa.table({"text": docs}), tmp_path / "data" / "train-00000.parquet")
-    tok = train_tokenizer(iter(docs), Config(vocab_size=400))
+    tok = train_tokenizer(iter(docs), Config(vocab_size=400, split_digits=split_digits))
     assert packing.cuts_exactly(tok)
     monkeypatch.setattr(packing, "PIECE_CHARS", 100)
     assert len(packing._pieces(doc, 100)) > 50 and "".join(packing._pieces(doc, 100)) == doc

@@ -139,7 +139,7 @@ def test_the_builtin_suite_loads_and_reads_every_world_file(tmp_path):
                                 tokenizer_filler_paragraphs=5), tmp_path / "world")
     tasks = load_suite(stage.builtin_suite())
     assert [t.name for t in tasks] == ["validation", "facts_sft", "facts_prose", "unknown", "unsafe", "safe",
-                                       "arithmetic", "base_questions"]
+                                       "arithmetic", "base_questions", "questions"]
     for t in tasks:
         if t.kind == "generate":
             rows, total = load_rows(t, resolve_file(t, {"world": str(tmp_path / "world")}))

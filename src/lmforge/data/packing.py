@@ -40,7 +40,8 @@ def cuts_exactly(tokenizer) -> bool:
 
     That holds for byte-level BPE with GPT-2's pre-tokenizer regex and no normalizer (lmforge's
     own tokenizers, GPT-2's): the regex always ends a token before such a newline and makes the
-    newline a token of its own, and BPE merges never cross pre-token boundaries. Tokenizers with
+    newline a token of its own, and BPE merges never cross pre-token boundaries. Splitting digits
+    first (lmforge's split_digits) only adds boundaries, so it keeps that. Tokenizers with
     a normalizer or a prefix space (SentencePiece's "▁" at the start of the text) are not cut.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -48,6 +49,12 @@ def cuts_exactly(tokenizer) -> bool:
         return False
     spec = json.loads(backend.to_str())
     pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence":  # lmforge's split_digits: Digits (one per digit), then ByteLevel
+        steps = pre.get("pretokenizers") or []
+        digits = [p for p in steps[:-1] if p.get("type") == "Digits"]
+        if len(digits) != len(steps) - 1:
+            return False
+        pre = steps[-1] if steps else {}
     return (
         spec.get("normalizer") is None
         and pre.get("type") == "ByteLevel"
