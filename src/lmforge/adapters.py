@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -32,7 +30,7 @@ from pydantic import Field, model_validator
 
 from lmforge.config import Schema
 from lmforge.errors import LmforgeError
-from lmforge.rundir import atomic_write_json, replace_dir, resolve_artifact
+from lmforge.rundir import atomic_write_json, resolve_artifact, staged_dir
 
 Method = Literal["none", "lora", "dora", "prefix", "qlora"]
 META = "lmforge_adapter.json"
@@ -253,6 +251,17 @@ def save_adapter(model, tokenizer, out: Path, *, base_dir: Path, method: str, ex
                                    "base_fingerprint": base_fingerprint(base_dir), **(extra or {})})
 
 
+def save_trained(model, tokenizer, out: Path, *, adapter, base_dir: Path, extra: dict | None = None) -> None:
+    """What a training stage saves: the adapter (PEFT format, on `base_dir`) when `adapter` is
+    enabled, else the whole model (HF format); `extra` goes into its lmforge metadata."""
+    from lmforge.models import save_model
+
+    if adapter.enabled:
+        save_adapter(model, tokenizer, out, base_dir=base_dir, method=adapter.method, extra=extra)
+    else:
+        save_model(model, tokenizer, out, extra=extra)
+
+
 def adapter_base(adapter_dir: Path) -> Path:
     """The base folder an adapter records (lmforge's note first, then peft's adapter_config)."""
     meta = adapter_dir / META
@@ -339,14 +348,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path) -> dict:
         after = merged(input_ids=probe).logits
     diff = float((before - after).abs().max())
     tok = load_tokenizer(a) if (a / "tokenizer_config.json").is_file() else None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_dir(out) as tmp:
         save_model(merged, tok, tmp, extra={"merged_from": {"base": str(resolve_artifact(base)), "adapter": str(a)},
                                             "max_abs_logit_diff": diff})
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "max_abs_logit_diff": diff}

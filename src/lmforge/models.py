@@ -118,6 +118,16 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere (modules and attention): preference and RL stages compare log-probs
+    of the same text under two models or two passes, which dropout noise would blur."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -253,13 +253,13 @@ def score_file(model: str | Path, file: str | Path, out: str | Path | None = Non
     import json
     import os
 
-    from lmforge.data.formats import ReadStats, _BadRow, iter_records
+    from lmforge.data.formats import BadRows, ReadStats, iter_records
 
     rm = load_reward_model(model, device=device)
     out = Path(out) if out is not None else Path(Path(file).name.split(".")[0] + ".scored.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = ReadStats()
-    bad = _BadRow("error", stats)
+    bad = BadRows("error", stats)
     rows = scored = pairs = wins = 0
     total = 0.0
     tmp = out.with_name(f".{out.name}.tmp")

@@ -22,7 +22,6 @@ import hashlib
 import ipaddress
 import re
 import shutil
-import tempfile
 import time
 import unicodedata
 import zlib
@@ -39,7 +38,7 @@ from lmforge.config import Schema
 from lmforge.data.formats import ReadStats, estimate_records, iter_text_records
 from lmforge.errors import LmforgeError
 from lmforge.progress import Progress
-from lmforge.rundir import RunDir, atomic_write_json, atomic_write_text, replace_dir
+from lmforge.rundir import RunDir, atomic_write_json, atomic_write_text, staged_dir
 
 ARTIFACT = "data"
 PROVIDES = ("data",)
@@ -725,14 +724,8 @@ def _empty_error(n_in: int, removed: Counter, stats: ReadStats, cfg: Config) -> 
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     """Curate `cfg.inputs` into `rd.artifact`. One pass; `resume` restarts it (it has no checkpoints)."""
     t0 = time.time()
-    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".data."))
-    try:
-        summary = _curate(cfg, rd, tmp, t0)
-        replace_dir(tmp, rd.artifact)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
+    with staged_dir(rd.artifact) as tmp:
+        return _curate(cfg, rd, tmp, t0)
 
 
 def _curate(cfg: Config, rd: RunDir, out: Path, t0: float) -> dict:

@@ -87,7 +87,7 @@ class ReadStats:
                 "skipped_total": self.total_skipped, "skipped_examples": list(self.examples)}
 
 
-class _BadRow:
+class BadRows:
     """Routes a bad row to an error or to a counted skip, per `on_bad_rows`."""
 
     def __init__(self, on_bad_rows: OnBadRows, stats: ReadStats):
@@ -166,7 +166,7 @@ def _open_binary(p: Path):
 # One reader per format. Each yields Records and reports bad rows through `bad`.
 
 
-def _decode(raw: bytes, where: str, bad: _BadRow) -> str | None:
+def _decode(raw: bytes, where: str, bad: BadRows) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -174,7 +174,7 @@ def _decode(raw: bytes, where: str, bad: _BadRow) -> str | None:
         return None
 
 
-def _read_jsonl(p: Path, bad: _BadRow) -> Iterator[Record]:
+def _read_jsonl(p: Path, bad: BadRows) -> Iterator[Record]:
     with _open_binary(p) as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{p} line {lineno}"
@@ -194,7 +194,7 @@ def _read_jsonl(p: Path, bad: _BadRow) -> Iterator[Record]:
             yield Record(obj, str(p), lineno, "line")
 
 
-def _read_json(p: Path, bad: _BadRow) -> Iterator[Record]:
+def _read_json(p: Path, bad: BadRows) -> Iterator[Record]:
     with _open_binary(p) as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if not head.startswith(b"["):
@@ -213,7 +213,7 @@ def _read_json(p: Path, bad: _BadRow) -> Iterator[Record]:
         yield Record(obj, str(p), i, "item", "json")
 
 
-def _read_csv(p: Path, bad: _BadRow, delimiter: str) -> Iterator[Record]:
+def _read_csv(p: Path, bad: BadRows, delimiter: str) -> Iterator[Record]:
     csv.field_size_limit(1 << 30)  # the default 128 KiB per field is far below a long document
     with _open_binary(p) as fb:
         f = io.TextIOWrapper(fb, encoding="utf-8-sig", newline="")
@@ -238,7 +238,7 @@ def _read_csv(p: Path, bad: _BadRow, delimiter: str) -> Iterator[Record]:
             raise LmforgeError(f"Input file {p} is not valid CSV at line {reader.line_num} ({e}).") from None
 
 
-def _read_text(p: Path, bad: _BadRow, text_mode: TextMode) -> Iterator[Record]:
+def _read_text(p: Path, bad: BadRows, text_mode: TextMode) -> Iterator[Record]:
     if text_mode == "file":
         with _open_binary(p) as f:
             text = _decode(f.read().removeprefix(b"\xef\xbb\xbf"), f"{p}", bad)
@@ -323,7 +323,7 @@ def iter_records(patterns: list[str] | str, *, text_mode: TextMode = "file", dat
     `stats` (if given) is filled as reading goes: files opened, records yielded, rows skipped.
     """
     stats = stats if stats is not None else ReadStats()
-    bad = _BadRow(on_bad_rows, stats)
+    bad = BadRows(on_bad_rows, stats)
     for p in resolve_inputs(patterns):
         stats.files.append(str(p))
         kind = _kind(p)
@@ -372,7 +372,7 @@ def iter_text_records(patterns: list[str] | str, *, text_field: str = "text", te
     or with `on_bad_rows="skip"` a counted skip.
     """
     stats = stats if stats is not None else ReadStats()
-    bad = _BadRow(on_bad_rows, stats)
+    bad = BadRows(on_bad_rows, stats)
     for rec in iter_records(patterns, text_mode=text_mode, dataset_split=dataset_split,
                             on_bad_rows=on_bad_rows, stats=stats, columns=[text_field]):
         text = text_of(rec, text_field, bad)

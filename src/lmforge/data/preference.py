@@ -37,7 +37,7 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Schema
-from lmforge.data.formats import OnBadRows, ReadStats, Record, _BadRow, iter_records
+from lmforge.data.formats import BadRows, OnBadRows, ReadStats, Record, iter_records
 from lmforge.data.sft import IGNORE, ChatEncoder, best_fit_decreasing, check_messages
 from lmforge.errors import LmforgeError
 
@@ -420,7 +420,7 @@ def read_preferences(patterns: str | list[str], encoder: ChatEncoder, *, unit: U
     `route(prompt)` names each row's split ("train" when None); every split named is returned.
     """
     stats = stats if stats is not None else ReadStats()
-    bad = _BadRow(on_bad_rows, stats)
+    bad = BadRows(on_bad_rows, stats)
     builders: dict[str, _Builder] = {"train": _Builder()}
 
     def flush(rows: list[PrefRow]) -> None:
@@ -632,3 +632,32 @@ def load_splits(cfg: DataFields, tokenizer, *, unit: Unit, max_length: int, meth
     if val is not None and (len(val.chosen) if unit == "pairs" else len(val.item_seq)) == 0:
         val = None
     return Splits(train, val, encoder, {"train": read_train.as_dict(), "validation": read_val.as_dict()}, example)
+
+
+def read_prompts(cfg, stats: ReadStats) -> list[tuple[list[dict], dict, str]]:
+    """(prompt turns, the row's fields, where) of every usable prompt row of `cfg.prompts`.
+
+    `cfg` is a prompt-reading stage's config (rejection, feedback, ppo, grpo): it has `prompts`,
+    `dataset_split`, `on_bad_rows`, `system_prompt` and `max_prompts`. A row is {prompt: text or
+    turns} or {messages} (a trailing assistant turn is dropped); roles and order follow SFT's rules."""
+    bad = BadRows(cfg.on_bad_rows, stats)
+    out: list[tuple[list[dict], dict, str]] = []
+    for rec in iter_records(cfg.prompts, dataset_split=cfg.dataset_split, on_bad_rows=cfg.on_bad_rows, stats=stats):
+        v, where = rec.values, rec.where
+        if "prompt" in v:
+            turns = _prompt(v["prompt"], where, bad, cfg.system_prompt)
+        elif "messages" in v:
+            msgs = v["messages"]
+            if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]
+            turns = _prompt(msgs, where, bad, cfg.system_prompt)
+        else:
+            bad("missing field", f"{where} has neither 'prompt' nor 'messages' (its fields: {', '.join(map(str, v))})")
+            continue
+        # Validate roles and order with SFT's rules, as a conversation the answer would complete.
+        if turns is None or check_messages([*turns, {"role": "assistant", "content": "x"}], where, bad) is None:
+            continue
+        out.append((turns, v, where))
+        if cfg.max_prompts and len(out) >= cfg.max_prompts:
+            break
+    return out

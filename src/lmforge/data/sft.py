@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from lmforge.data.chat import ROLES, render
-from lmforge.data.formats import OnBadRows, ReadStats, Record, _BadRow, iter_records
+from lmforge.data.formats import BadRows, OnBadRows, ReadStats, Record, iter_records
 from lmforge.errors import LmforgeError
 
 Format = Literal["auto", "chat", "alpaca", "prompt_completion"]
@@ -324,7 +324,7 @@ def iter_conversations(patterns: list[str] | str, *, fmt: Format, on_bad_rows: O
 
     `keep(i)` selects rows by their 0-based index among all rows read (for a held-out split).
     """
-    bad = _BadRow(on_bad_rows, stats)
+    bad = BadRows(on_bad_rows, stats)
     for i, rec in enumerate(iter_records(patterns, dataset_split=dataset_split, on_bad_rows=on_bad_rows,
                                          stats=stats, columns=_ALL_COLUMNS)):
         if keep is not None and not keep(i):

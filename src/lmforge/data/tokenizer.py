@@ -9,8 +9,6 @@ chat template, that `AutoTokenizer.from_pretrained` loads.
 from __future__ import annotations
 
 import itertools
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from lmforge.config import Schema
 from lmforge.data.chat import BOS, CHAT_TEMPLATE, EOS, PAD, ROLE_TOKENS, SPECIAL_TOKENS, UNK
 from lmforge.data.corpus import iter_texts
 from lmforge.errors import LmforgeError
-from lmforge.rundir import RunDir, atomic_write_json, replace_dir, resolve_artifact
+from lmforge.rundir import RunDir, atomic_write_json, resolve_artifact, staged_dir
 
 ARTIFACT = "tokenizer"
 PROVIDES = ("tokenizer",)
@@ -129,8 +127,7 @@ def _training_texts(cfg: Config) -> Iterator[str]:
 
 
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
-    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".tokenizer."))
-    try:
+    with staged_dir(rd.artifact) as tmp:
         if cfg.reuse:
             src = resolve_artifact(cfg.reuse, "tokenizer folder")
             tok = load_tokenizer(src)
@@ -145,10 +142,6 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
             bpt, nb, nt = bytes_per_token(tok, val)
             summary.update(val_bytes_per_token=round(bpt, 4), val_bytes=nb, val_tokens=nt)
         atomic_write_json(tmp / "lmforge_tokenizer_report.json", summary)
-        replace_dir(tmp, rd.artifact)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     msg = f"tokenizer: vocab {summary['vocab_size']}"
     if "val_bytes_per_token" in summary:
         msg += f", {summary['val_bytes_per_token']:.3f} bytes/token on validation"

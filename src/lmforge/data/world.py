@@ -73,8 +73,6 @@ import itertools
 import json
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -83,7 +81,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import Schema
 from lmforge.errors import LmforgeError
-from lmforge.rundir import RunDir, replace_dir
+from lmforge.rundir import RunDir, staged_dir
 
 IDK = "I don't know."
 REFUSAL = "I can't help with that."
@@ -1052,13 +1050,8 @@ def run(cfg: Config, rd: RunDir, resume: bool) -> dict:
     """Generate into a temporary folder, then swap it in: a crash never leaves half an artifact.
     Generation takes about a second, so there is nothing to resume."""
     t0 = time.time()
-    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".world-"))
-    try:
+    with staged_dir(rd.artifact) as tmp:
         manifest = generate(cfg, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, rd.artifact)
     seconds = round(time.time() - t0, 2)
     sizes = {name: m["bytes"] for name, m in manifest.items()}
     rd.log(f"world: wrote {len(manifest)} files ({sum(sizes.values()) / 1e6:.2f} MB) in {seconds}s")

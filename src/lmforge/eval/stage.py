@@ -29,8 +29,6 @@ seeded bootstrap make the rerun give the same numbers).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +55,7 @@ from lmforge.eval.tasks import (
     sampling_params,
     win_rate_name,
 )
-from lmforge.rundir import RunDir, atomic_write_json, replace_dir
+from lmforge.rundir import RunDir, atomic_write_json, staged_dir
 
 ARTIFACT = "eval"
 PROVIDES = ("eval",)
@@ -417,16 +415,11 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "machine": machine_info(),
         "seconds": round(time.time() - t_stage, 2),
     }
-    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".eval."))
-    try:
+    with staged_dir(rd.artifact) as tmp:
         atomic_write_json(tmp / "results.json", doc)
         with open(tmp / "answers.jsonl", "w", encoding="utf-8") as f:
             for a in answers:
                 f.write(json.dumps(a, ensure_ascii=False) + "\n")
-        replace_dir(tmp, rd.artifact)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
     print(results_table(doc))
     failed = [r for r in gate_records if not r["passed"]]

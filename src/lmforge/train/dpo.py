@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -70,7 +69,7 @@ from lmforge.adapters import (
     base_fingerprint,
     is_adapter,
     load_base,
-    save_adapter,
+    save_trained,
     trainable_report,
 )
 from lmforge.config import TrainConfig
@@ -86,8 +85,8 @@ from lmforge.data.preference import (
 from lmforge.data.sft import IGNORE
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models import context_length, save_model
-from lmforge.rundir import RunDir, atomic_write_json, fingerprint_path, replace_dir, resolve_artifact
+from lmforge.models import context_length, disable_dropout, save_model
+from lmforge.rundir import RunDir, atomic_write_json, fingerprint_path, resolve_artifact, staged_dir
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -271,14 +270,6 @@ def batch_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
 # Reference log-probs: one pass, cached
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-
-
 def reference_key(cfg: Config, data: PreferenceSet, precision: str, model_src: Path) -> str:
     """What the cached reference log-probs depend on: the starting weights (a cheap fingerprint of
     the safetensors, as adapters use), the adapter method (QLoRA quantises the base), the precision,
@@ -397,9 +388,8 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         # The new adapter sits on the merged starting model, which must exist as a folder to be loadable.
         base_dir = rd.path / "base"
         if main and not (base_dir / "config.json").is_file():
-            tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".base."))
-            save_model(lm, tokenizer, tmp)
-            replace_dir(tmp, base_dir)
+            with staged_dir(base_dir) as tmp:
+                save_model(lm, tokenizer, tmp)
         acc.wait_for_everyone()
     if cfg.adapter.enabled:
         lm = apply_adapter(lm, cfg.adapter)
@@ -469,16 +459,8 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "skipped_rows": splits.read["train"]["skipped"], **result.last_eval,
     }
     if main:
-        tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".model."))
-        try:
-            extra = {"stage": "dpo", "summary": summary}
-            if cfg.adapter.enabled:
-                save_adapter(lm, tokenizer, tmp, base_dir=base_dir, method=cfg.adapter.method, extra=extra)
-            else:
-                save_model(lm, tokenizer, tmp, extra=extra)
-            replace_dir(tmp, rd.artifact)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(rd.artifact) as tmp:
+            save_trained(lm, tokenizer, tmp, adapter=cfg.adapter, base_dir=base_dir,
+                         extra={"stage": "dpo", "summary": summary})
     acc.wait_for_everyone()
     return summary

@@ -55,8 +55,6 @@ import itertools
 import json
 import random
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +65,7 @@ from pydantic import Field, model_validator
 from lmforge.config import Schema, load_yaml, validate
 from lmforge.data.chat import render
 from lmforge.data.formats import OnBadRows, ReadStats
+from lmforge.data.preference import read_prompts
 from lmforge.errors import LmforgeError
 from lmforge.generation import (
     SamplingParams,
@@ -75,7 +74,7 @@ from lmforge.generation import (
     generate,
     load_model_for_inference,
 )
-from lmforge.rundir import RunDir, atomic_write_json, replace_dir
+from lmforge.rundir import RunDir, atomic_write_json, staged_dir
 from lmforge.scoring import load_score_fn
 
 ARTIFACT = "data"
@@ -454,7 +453,6 @@ def _text(v: Any, spec: str, where: str) -> str:
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     from collections import Counter
 
-    from lmforge.train.rejection import read_prompts
 
     t0 = time.time()
     principles = load_principles(cfg.principles)
@@ -487,8 +485,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
             if cfg.method == "rank" else ("no_draft", "no_critique", "no_revision", "unchanged", "pairs", "sft_rows"))
     counts: Counter = Counter({k: 0 for k in keys})
     names = ("preference", "comparisons") if cfg.method == "rank" else ("preference", "sft", "critiques")
-    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".data."))
-    try:
+    with staged_dir(rd.artifact) as tmp:
         with contextlib.ExitStack() as stack:
             files = {k: stack.enter_context(open(tmp / f"{k}.jsonl", "w", encoding="utf-8")) for k in names}
             if cfg.method == "rank":
@@ -506,10 +503,6 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         too_long = sum(c.too_long for c in {id(x): x for x in (policy, judge_chat) if x is not None}.values())
         summary["too_long_for_context"] = too_long
         atomic_write_json(tmp / "report.json", summary)
-        replace_dir(tmp, rd.artifact)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     line = f"feedback ({cfg.method}): {json.dumps(summary)}"
     print(line)
     rd.log(line)

@@ -42,7 +42,7 @@ from pydantic import Field
 from lmforge import losses as L
 from lmforge.progress import Progress
 from lmforge.rundir import RunDir
-from lmforge.train.loop import _SigtermFlag
+from lmforge.train.loop import SigtermFlag
 from lmforge.train.rollout import (
     RLFields,
     check_minibatches,
@@ -90,7 +90,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     T = cfg.rollout.temperature
     per_opt = cfg.train.batch_size * cfg.train.grad_accum
     need_old = check_minibatches(cfg, cfg.rows_per_rollout(G)) > 1  # else old log-probs = the forward's own
-    with _SigtermFlag() as sigterm, Progress("grpo", cfg.train.max_steps, start=s.step, every=cfg.train.log_every) as prog:
+    with SigtermFlag() as sigterm, Progress("grpo", cfg.train.max_steps, start=s.step, every=cfg.train.log_every) as prog:
         while s.step < cfg.train.max_steps:
             t0 = time.time()
             with s.saving_on_error():  # sampling and scoring: nothing is updated yet

@@ -116,7 +116,7 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-class _SigtermFlag:
+class SigtermFlag:
     """Turns SIGTERM into a flag the loop checks at each step boundary (main thread only)."""
 
     def __init__(self):
@@ -235,7 +235,7 @@ def train(
     t_start = time.time()
     t_log, tokens_since_log, tokens_total, train_loss = time.time(), 0, 0, None
     model.train()
-    with _SigtermFlag() as sigterm, Progress(label, cfg.max_steps, start=step, every=cfg.log_every, enabled=main) as prog:
+    with SigtermFlag() as sigterm, Progress(label, cfg.max_steps, start=step, every=cfg.log_every, enabled=main) as prog:
         while step < cfg.max_steps:
             base = step * per_step
             micro = [

@@ -45,7 +45,7 @@ from pydantic import Field
 from lmforge import losses as L
 from lmforge.progress import Progress
 from lmforge.rundir import RunDir
-from lmforge.train.loop import _SigtermFlag
+from lmforge.train.loop import SigtermFlag
 from lmforge.train.rollout import RLFields, epoch_orders, forward, score_pass, setup
 
 ARTIFACT = "model"
@@ -118,7 +118,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     kl_coef = float(s.state.get("kl_coef", cfg.kl_coef))
     T = cfg.rollout.temperature
     per_opt = cfg.train.batch_size * cfg.train.grad_accum
-    with _SigtermFlag() as sigterm, Progress("ppo", cfg.train.max_steps, start=s.step, every=cfg.train.log_every) as prog:
+    with SigtermFlag() as sigterm, Progress("ppo", cfg.train.max_steps, start=s.step, every=cfg.train.log_every) as prog:
         while s.step < cfg.train.max_steps:
             t0 = time.time()
             with s.saving_on_error():  # sampling and scoring: nothing is updated yet

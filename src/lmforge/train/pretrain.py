@@ -11,9 +11,6 @@ nanoGPT): the model learns that EOS starts something new, and no compute is spen
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +21,7 @@ from lmforge.data.packing import PackedBlocks, load_tokens, token_byte_lengths, 
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model, check_compatible, count_parameters, load_model, save_model
-from lmforge.rundir import RunDir, replace_dir
+from lmforge.rundir import RunDir, staged_dir
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -132,12 +129,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         **{k: v for k, v in result.last_eval.items()},
     }
     if acc.is_main_process:
-        tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".model."))
-        try:
+        with staged_dir(rd.artifact) as tmp:
             save_model(model, tokenizer, tmp, extra={"stage": "pretrain", "summary": summary})
-            replace_dir(tmp, rd.artifact)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     return summary

@@ -25,23 +25,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from lmforge.config import Schema
 from lmforge.data.chat import render
-from lmforge.data.formats import OnBadRows, ReadStats, _BadRow, iter_records
-from lmforge.data.preference import _prompt
-from lmforge.data.sft import check_messages
+from lmforge.data.formats import OnBadRows, ReadStats
+from lmforge.data.preference import read_prompts
 from lmforge.errors import LmforgeError
 from lmforge.generation import Engine, SamplingParams, encode_prompts, load_model_for_inference
 from lmforge.progress import Progress
-from lmforge.rundir import RunDir, atomic_write_json, replace_dir
+from lmforge.rundir import RunDir, atomic_write_json, staged_dir
 from lmforge.scoring import call_score_fn, load_reward_model, load_score_fn
 
 ARTIFACT = "data"
@@ -76,31 +72,6 @@ class Config(Schema):
     chunk_prompts: int = Field(256, ge=1, description="Prompts sampled and scored per round (bounds memory).")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (None = cuda when available).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Sampling dtype (auto: bf16 on GPU).")
-
-
-def read_prompts(cfg: Config, stats: ReadStats) -> list[tuple[list[dict], dict, str]]:
-    """(prompt turns, the row's fields, where) of every usable prompt row."""
-    bad = _BadRow(cfg.on_bad_rows, stats)
-    out: list[tuple[list[dict], dict, str]] = []
-    for rec in iter_records(cfg.prompts, dataset_split=cfg.dataset_split, on_bad_rows=cfg.on_bad_rows, stats=stats):
-        v, where = rec.values, rec.where
-        if "prompt" in v:
-            turns = _prompt(v["prompt"], where, bad, cfg.system_prompt)
-        elif "messages" in v:
-            msgs = v["messages"]
-            if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-                msgs = msgs[:-1]
-            turns = _prompt(msgs, where, bad, cfg.system_prompt)
-        else:
-            bad("missing field", f"{where} has neither 'prompt' nor 'messages' (its fields: {', '.join(map(str, v))})")
-            continue
-        # Validate roles and order with SFT's rules, as a conversation the answer would complete.
-        if turns is None or check_messages([*turns, {"role": "assistant", "content": "x"}], where, bad) is None:
-            continue
-        out.append((turns, v, where))
-        if cfg.max_prompts and len(out) >= cfg.max_prompts:
-            break
-    return out
 
 
 def sample(engine: Engine, tokenizer, prompts: list[list[dict]], params: SamplingParams, first: int,
@@ -145,8 +116,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     all_scores: list[float] = []
     best_scores: list[float] = []
     worst_scores: list[float] = []
-    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".data."))
-    try:
+    with staged_dir(rd.artifact) as tmp:
         engine = Engine(model, tokenizer, max_batch=cfg.max_batch)
         done = [0]
         with contextlib.ExitStack() as stack:
@@ -186,10 +156,6 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         if rm is not None and rm.truncated:
             summary["scored_after_truncation"] = rm.truncated
         atomic_write_json(tmp / "report.json", summary)
-        replace_dir(tmp, rd.artifact)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     rd.log(f"rejection: {json.dumps(summary)}")
     return summary
 

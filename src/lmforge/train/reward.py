@@ -40,10 +40,9 @@ from lmforge.config import TrainConfig
 from lmforge.data.preference import DataFields, PreferenceBatches, load_splits
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models import context_length
+from lmforge.models import context_length, disable_dropout
 from lmforge.rundir import RunDir, atomic_write_json, replace_dir, resolve_artifact
 from lmforge.scoring import RewardHead, classifier_head, is_reward_model
-from lmforge.train.dpo import disable_dropout
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"

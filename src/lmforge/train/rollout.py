@@ -34,8 +34,6 @@ import contextlib
 import copy
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,18 +49,19 @@ from lmforge.adapters import (
     apply_adapter,
     is_adapter,
     load_base,
-    save_adapter,
+    save_trained,
     trainable_report,
 )
 from lmforge.config import Schema, TrainConfig
 from lmforge.data.chat import render
 from lmforge.data.formats import OnBadRows, ReadStats
+from lmforge.data.preference import read_prompts
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError, StopRun
 from lmforge.generation import Completion, SamplingParams, encode_prompts, generate
-from lmforge.models import cache_kwarg, context_length, output_cache, save_model
+from lmforge.models import cache_kwarg, context_length, disable_dropout, output_cache, save_model
 from lmforge.rewards import Rewards, RewardSpec
-from lmforge.rundir import RunDir, atomic_write_text, replace_dir, resolve_artifact
+from lmforge.rundir import RunDir, atomic_write_text, resolve_artifact, staged_dir
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.loop import lr_lambda, make_accelerator, make_optimizer
 
@@ -347,7 +346,6 @@ class Prompts:
 def load_prompts(cfg: RLFields, tokenizer, context: int, *, stage: str) -> Prompts:
     """Every usable prompt as chat-rendered token ids; prompts that leave no room for max_new_tokens
     in the context are counted and skipped (an error if none is left)."""
-    from lmforge.train.rejection import read_prompts
 
     if cfg.prompts is None:
         raise LmforgeError(f"{stage} needs `prompts`: rows with a 'prompt' (text or turns) or 'messages'.")
@@ -547,22 +545,13 @@ class Session:
                    "prompts_skipped_too_long": self.prompts.skipped_too_long,
                    "skipped_prompt_rows": self.prompts.read.get("skipped"),
                    "train_seconds": round(time.time() - self.t_start, 2), **summary}
-        tmp = Path(tempfile.mkdtemp(dir=self.rd.path, prefix=".model."))
-        try:
-            extra = {"stage": self.stage, "summary": summary}
-            if self.cfg.adapter.enabled:
-                save_adapter(self.lm, self.tokenizer, tmp, base_dir=self.base_dir, method=self.cfg.adapter.method,
-                             extra=extra)
-            else:
-                save_model(self.lm, self.tokenizer, tmp, extra=extra)
+        with staged_dir(self.rd.artifact) as tmp:
+            save_trained(self.lm, self.tokenizer, tmp, adapter=self.cfg.adapter, base_dir=self.base_dir,
+                         extra={"stage": self.stage, "summary": summary})
             head = _unwrap(self.net).value_head
             if head is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                           str(tmp / "value_head.safetensors"))
-            replace_dir(tmp, self.rd.artifact)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return summary
 
 
@@ -570,7 +559,6 @@ def setup(cfg: RLFields, rd: RunDir, resume: bool, *, stage: str, group: int, va
           reference: bool) -> Session:
     """Load the policy (+ adapter, + value head), the reference, the rewards and the prompts; build the
     optimizer; resume from the latest checkpoint. Cheap checks (prompts, rewards) run before the model loads."""
-    from lmforge.train.dpo import disable_dropout
 
     acc = make_accelerator(cfg.train)
     if acc.num_processes > 1:
@@ -592,9 +580,8 @@ def setup(cfg: RLFields, rd: RunDir, resume: bool, *, stage: str, group: int, va
     if cfg.adapter.enabled and is_adapter(src):
         base_dir = rd.path / "base"  # the new adapter sits on the merged start, which must exist as a folder
         if not (base_dir / "config.json").is_file():
-            tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".base."))
-            save_model(lm, tokenizer, tmp)
-            replace_dir(tmp, base_dir)
+            with staged_dir(base_dir) as tmp:
+                save_model(lm, tokenizer, tmp)
     ref = None
     if reference and not cfg.adapter.enabled:
         ref = PolicyValue(copy.deepcopy(lm).requires_grad_(False).eval(), value_head=False)

@@ -23,8 +23,6 @@ of the step, so a resumed run is the same run.
 from __future__ import annotations
 
 import itertools
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +37,7 @@ from lmforge.adapters import (
     is_adapter,
     load_base,
     merge,
-    save_adapter,
+    save_trained,
     trainable_report,
 )
 from lmforge.config import Schema, TrainConfig
@@ -59,8 +57,8 @@ from lmforge.data.sft import (
 )
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models import check_compatible, context_length, save_model
-from lmforge.rundir import RunDir, replace_dir, resolve_artifact
+from lmforge.models import check_compatible, context_length
+from lmforge.rundir import RunDir, resolve_artifact, staged_dir
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -322,17 +320,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "train_seconds": round(result.wall_seconds, 2), **result.last_eval,
     })
     if main:
-        tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".model."))
-        try:
-            if cfg.adapter.enabled:
-                save_adapter(model, tokenizer, tmp, base_dir=base_dir, method=cfg.adapter.method,
-                             extra={"stage": "sft", "summary": summary})
-            else:
-                save_model(model, tokenizer, tmp, extra={"stage": "sft", "summary": summary})
-            replace_dir(tmp, rd.artifact)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(rd.artifact) as tmp:
+            save_trained(model, tokenizer, tmp, adapter=cfg.adapter, base_dir=base_dir,
+                         extra={"stage": "sft", "summary": summary})
         if cfg.merge:
             summary["merged"] = merge(base_dir, rd.artifact, rd.path / "merged")
             say(f"sft: merged base + adapter into {rd.path / 'merged'} "
