@@ -52,7 +52,7 @@ and `n_choices` (the candidate set the chance baseline is 1/n_choices of; `choic
 for `founded`, whose candidates are every year in the range). Answers are short and regular:
 "The capital of Veloria is Tamsk." -- exactly one of the sentences the prose uses.
 
-Example recipe stage (the defaults write a 1.3 MB pre-training corpus, 3 MB in all, in
+Example recipe stage (the defaults write a 1.5 MB pre-training corpus, 3.3 MB in all, in
 about a second); later stages point their input paths at `@world/pretrain/*.jsonl`,
 `@world/sft/train.jsonl`, `@world/eval/facts_prose.jsonl`, ...:
 
