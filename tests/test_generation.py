@@ -453,3 +453,31 @@ def test_cli_help_lists_every_sampling_parameter():
     from lmforge.cli import SAMPLING_HELP
 
     assert all(name in SAMPLING_HELP for name in SamplingParams.model_fields)
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn_token(tiny):
+    """A model fine-tuned with a reused template (ChatML) ends replies with <|im_end|>, not EOS."""
+    import copy
+
+    from lmforge.generation import eos_token_ids
+    from lmforge.models import add_stop_token
+
+    model, tok = tiny
+    assert eos_token_ids(model, tok) >= {tok.eos_token_id}  # lmforge's template ends turns with EOS
+    chatml = copy.deepcopy(tok)
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chatml.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                            "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                            "{% endif %}")
+    im_end = chatml.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != chatml.eos_token_id and {im_end, chatml.eos_token_id} <= eos_token_ids(model, chatml)
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    assert im_end not in eos_token_ids(model, plain)
+    # SFT writes it into the saved generation config, for plain transformers' generate too.
+    m2 = copy.deepcopy(model)
+    before = m2.generation_config.eos_token_id
+    add_stop_token(m2, im_end)
+    add_stop_token(m2, im_end)  # idempotent
+    after = m2.generation_config.eos_token_id
+    assert (after if isinstance(after, list) else [after]) == ([before] if isinstance(before, int) else list(before or [])) + [im_end]

@@ -582,11 +582,31 @@ def context_length(model: Any) -> int | None:
     return None
 
 
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The single token the tokenizer's chat template ends an assistant turn with (EOS for
+    lmforge's template; `<|im_end|>`, `<|eot_id|>`, ... for others), or None without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from lmforge.data.sft import ChatEncoder
+
+    try:
+        enc = ChatEncoder(tokenizer)
+    except LmforgeError:  # a template the SFT encoder cannot read: rely on EOS alone
+        return None
+    ok = isinstance(enc.eot_id, int) and tokenizer.convert_ids_to_tokens(enc.eot_id) == enc.eot_text
+    return enc.eot_id if ok else None
+
+
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """EOS ids from the tokenizer and the model's generation config (which may list several)."""
+    """Stop ids: the tokenizer's EOS, the chat template's end-of-turn token (a model fine-tuned
+    with a reused template ends its replies with it, not with EOS), and the model's generation
+    config (which may list several)."""
     ids: set[int] = set()
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
+    eot = end_of_turn_id(tokenizer)
+    if eot is not None:
+        ids.add(eot)
     gc = getattr(model, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None) if gc is not None else None
     if isinstance(eos, int):

@@ -128,6 +128,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
+def add_stop_token(model, token_id: int) -> None:
+    """Add `token_id` to the model's generation_config.eos_token_id (saved with the model), so
+    `generate` stops at it as well as at EOS."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    gc = getattr(base, "generation_config", None)
+    if gc is None:
+        return
+    eos = gc.eos_token_id
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if token_id not in ids:
+        gc.eos_token_id = [*ids, int(token_id)] if ids else int(token_id)
+
+
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

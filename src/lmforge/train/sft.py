@@ -57,7 +57,7 @@ from lmforge.data.sft import (
 )
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models import check_compatible, context_length
+from lmforge.models import add_stop_token, check_compatible, context_length
 from lmforge.rundir import RunDir, resolve_artifact, staged_dir
 from lmforge.train.loop import LossOut, make_accelerator, train
 
@@ -320,6 +320,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "train_seconds": round(result.wall_seconds, 2), **result.last_eval,
     })
     if main:
+        # Replies now end with the template's end-of-turn token; when that is not EOS (a reused
+        # template: <|im_end|>, <|eot_id|>), plain transformers' generate must stop there too.
+        add_stop_token(model, encoder.eot_id)
         with staged_dir(rd.artifact) as tmp:
             save_trained(model, tokenizer, tmp, adapter=cfg.adapter, base_dir=base_dir,
                          extra={"stage": "sft", "summary": summary})
