@@ -176,7 +176,7 @@ def test_expectations_are_checked_in_display_units():
         Expectation(claim="facts kept", metric="facts.accuracy", model="dpo", against="sft", at_least=-5),
         Expectation(claim="4x chance", metric="facts.accuracy/capital", model="sft", times_chance=True, at_least=3),
         Expectation(claim="rate", metric="facts.accuracy", model="dpo", at_least=40, at_most=50),
-        Expectation(claim="missing", metric="facts.accuracy", model="grpo", at_least=1),
+        Expectation(claim="no groups for dpo", metric="facts.accuracy/capital", model="dpo", at_least=1),
     ]
     got = check_expectations(res, exps)
     assert [c["met"] for c in got] == [True, False, True, True, True, None]
@@ -186,3 +186,13 @@ def test_expectations_are_checked_in_display_units():
     assert got[4]["value"] == pytest.approx(46.0) and got[4]["ci"] == pytest.approx((36.0, 56.0))
     with pytest.raises(ValueError, match="at_least or at_most"):
         Expectation(claim="x", metric="a.b", model="m")
+    # A name the results do not have at all is a mistake in the recipe: one sentence, closest match.
+    from lmforge.errors import LmforgeError
+
+    for kw, msg in [({"model": "dop"}, r"\[0\] \('x'\): model 'dop' is not in the evaluation results; did you mean 'dpo'"),
+                    ({"metric": "facts.acuracy"}, "metric 'facts.acuracy' .* did you mean 'facts.accuracy'"),
+                    ({"metric": "facts.accuracy/capitol"}, "group of facts.accuracy 'capitol' .* did you mean 'capital'"),
+                    ({"metric": "unknown.hallucination_rate", "times_chance": True}, "needs a chance baseline")]:
+        e = Expectation(**{"claim": "x", "metric": "facts.accuracy", "model": "sft", "at_least": 1, **kw})
+        with pytest.raises(LmforgeError, match=msg):
+            check_expectations(res, [e])

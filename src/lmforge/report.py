@@ -154,13 +154,15 @@ def collect(run_dir: Path) -> dict:
 
 def check_expectations(results: dict, expectations: list[Expectation]) -> list[dict]:
     """Each expectation with its measured value (display units: percent for rates), interval and verdict
-    (met None: a model or metric it names was not evaluated)."""
+    (met None: the metric was not computed for that model). A model, metric or group that the
+    results do not have at all is a mistake in the recipe and raises, naming the closest match."""
     def est(model: str, name: str, group: str) -> dict | None:
         m = results["results"].get(model, {}).get(name)
         return (m.get("groups") or {}).get(group) if m and group else m
 
     out = []
-    for e in expectations:
+    for i, e in enumerate(expectations):
+        _check_names(e, i, results)
         name, _, group = e.metric.partition("/")
         row: dict[str, Any] = {**e.model_dump(), "value": None, "ci": None, "met": None}
         mine, other = est(e.model, name, group), est(e.against, name, group) if e.against else None
@@ -188,6 +190,34 @@ def check_expectations(results: dict, expectations: list[Expectation]) -> list[d
         met = (e.at_least is None or value >= e.at_least) and (e.at_most is None or value <= e.at_most)
         out.append({**row, "value": value, "ci": ci, "met": met})
     return out
+
+
+def _check_names(e: Expectation, i: int, results: dict) -> None:
+    import difflib
+
+    def fail(what: str, got: str, known: list[str]) -> None:
+        close = difflib.get_close_matches(got, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+        raise LmforgeError(f"report.expectations[{i}] ({e.claim!r}): {what} {got!r} is not in the evaluation results; "
+                           f"{hint}")
+
+    models = list(results.get("order") or results["results"])
+    for m in (e.model, e.against):
+        if m is not None and m not in results["results"]:
+            fail("model", m, models)
+    name, _, group = e.metric.partition("/")
+    metrics = sorted({k for r in results["results"].values() for k in r})
+    if name not in metrics:
+        fail("metric", name, metrics)
+    specs = [r[name] for r in results["results"].values() if name in r]
+    if group:
+        groups = sorted({g for sp in specs for g in (sp.get("groups") or {})})
+        if group not in groups:
+            fail(f"group of {name}", group, groups or ["(this metric has no groups)"])
+    if e.times_chance and not any(((sp.get("groups") or {}).get(group) if group else sp).get("chance")
+                                  for sp in specs):
+        raise LmforgeError(f"report.expectations[{i}] ({e.claim!r}): times_chance needs a chance baseline, and "
+                           f"{e.metric} has none.")
 
 
 def _threshold(e: dict) -> str:
