@@ -7,6 +7,7 @@ than the model's positions, a tokenizer larger than the embedding table).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -108,8 +109,13 @@ def cache_kwarg(model) -> str:
     (which deprecates `past_key_values` with a warning on every call), `past_key_values` in
     earlier 5.x releases and in architectures not moved yet."""
     m = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
-    m = getattr(m, "_orig_mod", m)  # torch.compile
-    return "cache" if "cache" in inspect.signature(type(m).forward).parameters else "past_key_values"
+    return _cache_kwarg_of(type(getattr(m, "_orig_mod", m)))  # _orig_mod: under torch.compile
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls: type) -> str:
+    # Once per model class: RL rollouts ask on every forward.
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def output_cache(out):

@@ -346,7 +346,6 @@ class Prompts:
 def load_prompts(cfg: RLFields, tokenizer, context: int, *, stage: str) -> Prompts:
     """Every usable prompt as chat-rendered token ids; prompts that leave no room for max_new_tokens
     in the context are counted and skipped (an error if none is left)."""
-
     if cfg.prompts is None:
         raise LmforgeError(f"{stage} needs `prompts`: rows with a 'prompt' (text or turns) or 'messages'.")
     stats = ReadStats()
