@@ -251,15 +251,17 @@ def save_adapter(model, tokenizer, out: Path, *, base_dir: Path, method: str, ex
                                    "base_fingerprint": base_fingerprint(base_dir), **(extra or {})})
 
 
-def save_trained(model, tokenizer, out: Path, *, adapter, base_dir: Path, extra: dict | None = None) -> None:
+def save_trained(model, tokenizer, out: Path, *, adapter, base_dir: Path, extra: dict | None = None,
+                 state_dict: dict | None = None) -> None:
     """What a training stage saves: the adapter (PEFT format, on `base_dir`) when `adapter` is
-    enabled, else the whole model (HF format); `extra` goes into its lmforge metadata."""
+    enabled, else the whole model (HF format; `state_dict`: gathered weights of a sharded model);
+    `extra` goes into its lmforge metadata."""
     from lmforge.models import save_model
 
     if adapter.enabled:
         save_adapter(model, tokenizer, out, base_dir=base_dir, method=adapter.method, extra=extra)
     else:
-        save_model(model, tokenizer, out, extra=extra)
+        save_model(model, tokenizer, out, extra=extra, state_dict=state_dict)
 
 
 def adapter_base(adapter_dir: Path) -> Path:

@@ -222,4 +222,10 @@ class TrainConfig(Schema):
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
     tensorboard: bool = Field(True, description="Also write metrics as TensorBoard events under tensorboard/.")
     compile: bool = Field(False, description="torch.compile the model (pays a one-off compile time).")
+    fsdp: bool = Field(
+        False,
+        description="With several processes (accelerate launch / torchrun): shard weights, gradients and optimizer "
+        "state across them (FSDP2) instead of replicating them (DDP). pretrain and full-fine-tuning sft only; "
+        "ignored with one process.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (None = torch's default).")

@@ -153,10 +153,11 @@ def count_parameters(model) -> tuple[int, int]:
     return total, trainable
 
 
-def save_model(model, tokenizer, out: Path, *, extra: dict | None = None) -> None:
-    """HF format (safetensors) + tokenizer in `out` (the caller makes `out` a temp folder and renames)."""
+def save_model(model, tokenizer, out: Path, *, extra: dict | None = None, state_dict: dict | None = None) -> None:
+    """HF format (safetensors) + tokenizer in `out` (the caller makes `out` a temp folder and renames).
+    `state_dict`: the weights to write instead of the model's own (a sharded model's gathered ones)."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.model_max_length = context_length(model)
         tokenizer.save_pretrained(str(out))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -336,6 +337,51 @@ def test_two_process_data_parallel_matches_single_process(tmp_path, curated_dir,
     la = [m["loss"] for m in RunDir(tmp_path / "single", "", "").read_metrics() if "loss" in m]
     lb = [m["loss"] for m in RunDir(tmp_path / "ddp", "", "").read_metrics() if "loss" in m]
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [os.path.join(os.path.dirname(os.sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
+           "-m", "lmforge.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_fsdp_two_processes_match_single_process_and_resume_bitwise(tmp_path, curated_dir, tokenizer_dir):
+    """train.fsdp on 2 CPU processes (gloo): every weight, gradient and optimizer state is split in
+    two, yet the run equals one process with the global batch (to float tolerance), the saved
+    model is whole, and a run resumed from a sharded checkpoint is bitwise the uninterrupted one."""
+    base = pretrain_config(curated_dir, tokenizer_dir, max_steps=5, grad_accum=2, checkpoint_every=2,
+                           keep_checkpoints=3, eval_every=2)
+    base["model"]["dropout"] = 0.0
+    single = write_yaml(tmp_path / "s.yaml", {**base, "train": {**base["train"], "batch_size": 4}})
+    sharded = write_yaml(tmp_path / "f.yaml", {**base, "train": {**base["train"], "batch_size": 2, "fsdp": True}})
+    r = run_cli("pretrain", str(single), "--out", str(tmp_path / "single"))
+    assert r.returncode == 0, r.stderr
+    r = torchrun("pretrain", str(sharded), "--out", str(tmp_path / "fsdp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(tmp_path / "single" / "model"), weights(tmp_path / "fsdp" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k  # whole tensors, not one process's shard
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    la = [m["loss"] for m in RunDir(tmp_path / "single", "", "").read_metrics() if "loss" in m]
+    lb = [m["loss"] for m in RunDir(tmp_path / "fsdp", "", "").read_metrics() if "loss" in m]
+    assert la == pytest.approx(lb, rel=1e-5)
+    steps = ckpt.step_dirs(tmp_path / "fsdp" / "checkpoints")
+    assert [p.name for p in steps] == ["step-000002", "step-000004", "step-000005"]
+    assert ckpt.validate(steps[0])["fsdp"] is True
+
+    # Resume from the step-2 checkpoint (weights and optimizer state scattered back into shards).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    for p in steps[1:]:
+        shutil.rmtree(resumed / "checkpoints" / p.name)
+    shutil.rmtree(resumed / "model")
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    (resumed / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))  # as if killed at step 3
+    r = torchrun("pretrain", str(sharded), "--out", str(resumed), "--resume")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "resumed from checkpoint" in r.stdout and "step-000002" in r.stdout
+    assert_bitwise_equal(weights(tmp_path / "fsdp" / "model"), weights(resumed / "model"))
 
 
 def test_bad_inputs_one_sentence(tmp_path, curated_dir, tokenizer_dir):

@@ -169,3 +169,31 @@ def test_bad_input_is_one_sentence(tmp_path, base_dir, train_file):
     for i, (change, expect) in enumerate(cases):
         with pytest.raises(LmforgeError, match=expect.replace("(", r"\(").replace(")", r"\)")):
             run_stage(tmp_path, {**sft_config(train_file, base_dir, max_steps=1), **change}, f"c{i}")
+
+
+def test_fsdp_two_processes_match_one_and_save_a_whole_model(tmp_path, base_dir, train_file):
+    """Full fine-tuning with train.fsdp on 2 CPU processes (gloo) equals one process with the
+    global batch, and the saved model holds whole tensors; an adapter with train.fsdp is refused."""
+    cfg = sft_config(train_file, base_dir, max_steps=6, eval_every=3, batch_size=8)
+    run_stage(tmp_path, cfg, "single")
+    sharded = write_yaml(tmp_path / "f.yaml", {**cfg, "train": {**cfg["train"], "batch_size": 4, "fsdp": True}})
+    torchrun = [os.path.join(os.path.dirname(os.sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
+                "-m", "lmforge.cli", "sft"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*torchrun, str(sharded), "--out", str(tmp_path / "fsdp")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(tmp_path / "single", False), _weights(tmp_path / "fsdp", False)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    la = [m["loss"] for m in RunDir(tmp_path / "single", "", "").read_metrics() if "loss" in m]
+    lb = [m["loss"] for m in RunDir(tmp_path / "fsdp", "", "").read_metrics() if "loss" in m]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+    lora = write_yaml(tmp_path / "l.yaml", {**cfg, "adapter": {"method": "lora", "r": 4},
+                                            "train": {**cfg["train"], "batch_size": 4, "fsdp": True}})
+    r = subprocess.run([*torchrun, str(lora), "--out", str(tmp_path / "lora")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode != 0
+    assert "sft: train.fsdp shards full-model training only (pretrain, or sft without an adapter)" in r.stderr + r.stdout

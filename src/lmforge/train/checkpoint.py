@@ -27,11 +27,30 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
 from lmforge.rundir import atomic_write_json, file_sha256
+from lmforge.train import fsdp
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter by name, on CPU. For a sharded (FSDP) model this gathers the
+    shards: a collective that every process must call; only process 0 gets the tensors."""
     # named_parameters() lists a tied weight once, so safetensors never sees shared storage.
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if fsdp.is_sharded(model):
+        full = fsdp.full_model_state(model)
+        return {n: full[n] for n in names if n in full}
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().contiguous().cpu() for n in names}
+
+
+def load_trainable(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` (full tensors, by name) into the model's parameters, or into its shards."""
+    if fsdp.is_sharded(model):
+        fsdp.load_model_state(model, weights)
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
 
 
 def rng_state() -> dict:
@@ -57,7 +76,11 @@ def step_dirs(root: Path) -> list[Path]:
 
 def save(root: Path, *, step: int, model, optimizer, scheduler, state: dict, rank: int, world: int,
          is_main: bool, barrier, keep: int) -> Path:
-    """Write checkpoint `step` (every rank writes its RNG file; rank 0 writes the rest)."""
+    """Write checkpoint `step` (every rank writes its RNG file; rank 0 writes the rest).
+    Every rank must call it: a sharded model's weights and optimizer state are gathered here."""
+    sharded = fsdp.is_sharded(model)
+    weights = trainable_state(model) if sharded or is_main else {}
+    opt_state = fsdp.full_optimizer_state(model, optimizer) if sharded else None
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     if is_main:
@@ -68,10 +91,12 @@ def save(root: Path, *, step: int, model, optimizer, scheduler, state: dict, ran
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
     barrier()
     if is_main:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        opt = opt_state if sharded else optimizer.state_dict()
+        torch.save({"optimizer": opt, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        atomic_write_json(tmp / "state.json", {**state, "step": step, "world_size": world, "files": files})
+        atomic_write_json(tmp / "state.json", {**state, "step": step, "world_size": world, "fsdp": sharded,
+                                               "files": files})
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -116,6 +141,8 @@ def load(ckpt: Path, *, model, optimizer, scheduler, rank: int, world: int) -> d
             f"Checkpoint {ckpt} was written by {state.get('world_size')} processes but this run has {world}; "
             "resume with the same number of processes."
         )
+    # Same world size and same config (the pipeline resumes only then) => same train.fsdp.
+    sharded = fsdp.is_sharded(model)
     weights = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -125,11 +152,12 @@ def load(ckpt: Path, *, model, optimizer, scheduler, rank: int, world: int) -> d
             f"Checkpoint {ckpt} does not match this model ({len(missing)} trainable parameters missing, "
             f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]}); was the model or adapter config changed?"
         )
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
+    load_trainable(model, weights)
     opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
+    if sharded:
+        fsdp.load_optimizer_state(model, optimizer, opt["optimizer"])
+    else:
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(torch.load(ckpt / f"rng-{rank}.pt", weights_only=False))
     return state

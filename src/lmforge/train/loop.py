@@ -33,6 +33,7 @@ from lmforge.errors import LmforgeError, Preempted, StopRun
 from lmforge.progress import Progress
 from lmforge.rundir import RunDir, atomic_write_json
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import fsdp
 
 
 @dataclass
@@ -138,14 +139,17 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _save_best(root: Path, model, step: int, metrics: dict) -> None:
+def _save_best(root: Path, model, step: int, metrics: dict, is_main: bool) -> None:
     from safetensors.torch import save_file
 
     from lmforge.rundir import replace_dir
 
+    weights = ckpt.trainable_state(model) if is_main or fsdp.is_sharded(model) else {}  # a collective if sharded
+    if not is_main:
+        return
     tmp = root / ".tmp-best"
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(ckpt.trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(weights, str(tmp / "trainable.safetensors"))
     atomic_write_json(tmp / "best.json", {"step": step, **metrics})
     replace_dir(tmp, root / "best")
 
@@ -153,11 +157,7 @@ def _save_best(root: Path, model, step: int, metrics: dict) -> None:
 def _load_best(root: Path, model) -> None:
     from safetensors.torch import load_file
 
-    weights = load_file(str(root / "best" / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
+    ckpt.load_trainable(model, load_file(str(root / "best" / "trainable.safetensors")))
 
 
 def train(
@@ -171,14 +171,27 @@ def train(
     resume: bool = False,
     label: str = "train",
     accelerator=None,
+    shardable: bool = False,
 ) -> TrainResult:
-    """Train `model` in place for cfg.max_steps optimizer steps (or until early stopping)."""
+    """Train `model` in place for cfg.max_steps optimizer steps (or until early stopping).
+
+    `shardable`: the stage gathers a sharded model's weights on every process before saving
+    (fsdp.full_model_state), so train.fsdp may shard it (see train/fsdp.py); others refuse it."""
     acc = accelerator or make_accelerator(cfg)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    sharded = cfg.fsdp and world > 1
+    if sharded and not shardable:
+        raise LmforgeError(f"{label}: train.fsdp shards full-model training only (pretrain, or sft without an "
+                           "adapter); set train.fsdp: false to train this stage with DDP.")
+    if sharded:
+        fsdp.shard(model, acc)  # before the optimizer: it must hold the sharded parameters
+        optimizer = make_optimizer(model, cfg)
+        engine = model
+    else:
+        optimizer = make_optimizer(model, cfg)
+        engine, optimizer = acc.prepare(model, optimizer)
     # The scheduler is not prepared: accelerate would step it once per process.
-    engine, optimizer = acc.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if cfg.compile:
         engine = torch.compile(engine)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -251,7 +264,9 @@ def train(
             for a, b in enumerate(micro):
                 b = _to_device(b, acc.device)
                 sync = a == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(engine):
+                if sharded:  # FSDP: reduce-scatter gradients only after the last micro-batch
+                    model.set_requires_gradient_sync(sync)
+                with contextlib.nullcontext() if sync or sharded else acc.no_sync(engine):
                     out = loss_fn(engine, b)
                     # x world: DDP averages gradients over processes; we want the global sum / n_items.
                     acc.backward(out.loss * (world / n_items))
@@ -268,8 +283,11 @@ def train(
                     f"Loss is {step_loss} at step {step + 1}; stopped before the optimizer update, so no checkpoint "
                     "holds it. Lower train.lr, check the data, or resume from the last checkpoint."
                 )
-            grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-            grad_norm = float(grad_norm)
+            max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
+            if sharded:
+                grad_norm = fsdp.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            else:
+                grad_norm = float(acc.clip_grad_norm_(params, max_norm))
             if not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 raise StopRun(
@@ -301,8 +319,8 @@ def train(
                 val = last_eval.get("val_loss")
                 if val is not None and val < best:
                     best, best_step, bad_evals = val, step, 0
-                    if cfg.keep_best and main:
-                        _save_best(rd.checkpoints, model, step, last_eval)
+                    if cfg.keep_best:
+                        _save_best(rd.checkpoints, model, step, last_eval, main)
                 elif val is not None:
                     bad_evals += 1
                 if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:

@@ -22,6 +22,7 @@ from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model, check_compatible, count_parameters, load_model, save_model
 from lmforge.rundir import RunDir, staged_dir
+from lmforge.train import fsdp
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -114,7 +115,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         print("pretrain: the validation split is shorter than one block; training without evaluation.")
 
     result = train(model, cfg=cfg.train, rd=rd, data=train_blocks, loss_fn=causal_lm_loss, eval_fn=eval_fn,
-                   resume=resume, label="pretrain", accelerator=acc)
+                   resume=resume, label="pretrain", accelerator=acc, shardable=True)
 
     summary = {
         "parameters": total,
@@ -128,8 +129,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "epochs": round(train_blocks.epochs(result.step * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes), 3),
         **{k: v for k, v in result.last_eval.items()},
     }
+    weights = fsdp.full_model_state(model) if fsdp.is_sharded(model) else None  # every process: a collective
     if acc.is_main_process:
         with staged_dir(rd.artifact) as tmp:
-            save_model(model, tokenizer, tmp, extra={"stage": "pretrain", "summary": summary})
+            save_model(model, tokenizer, tmp, extra={"stage": "pretrain", "summary": summary}, state_dict=weights)
     acc.wait_for_everyone()
     return summary

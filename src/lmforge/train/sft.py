@@ -59,6 +59,7 @@ from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models import add_stop_token, check_compatible, context_length
 from lmforge.rundir import RunDir, resolve_artifact, staged_dir
+from lmforge.train import fsdp
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -307,7 +308,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     data = make_batches(train_ex, cfg.batching, seq_len=seq_len, batch_size=cfg.train.batch_size,
                         seed=cfg.train.seed, pad_id=tokenizer.pad_token_id)
     result = train(model, cfg=cfg.train, rd=rd, data=data, loss_fn=sft_loss, eval_fn=eval_fn, resume=resume,
-                   label="sft", accelerator=acc)
+                   label="sft", accelerator=acc, shardable=not cfg.adapter.enabled)
 
     per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
     seen = data.examples_in(result.step * per_step)
@@ -319,13 +320,14 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "examples_seen": seen, "epochs": round(seen / len(train_ex), 3), "tokens_per_s": round(result.tokens_per_s, 1),
         "train_seconds": round(result.wall_seconds, 2), **result.last_eval,
     })
+    weights = fsdp.full_model_state(model) if fsdp.is_sharded(model) else None  # every process: a collective
     if main:
         # Replies now end with the template's end-of-turn token; when that is not EOS (a reused
         # template: <|im_end|>, <|eot_id|>), plain transformers' generate must stop there too.
         add_stop_token(model, encoder.eot_id)
         with staged_dir(rd.artifact) as tmp:
             save_trained(model, tokenizer, tmp, adapter=cfg.adapter, base_dir=base_dir,
-                         extra={"stage": "sft", "summary": summary})
+                         extra={"stage": "sft", "summary": summary}, state_dict=weights)
         if cfg.merge:
             summary["merged"] = merge(base_dir, rd.artifact, rd.path / "merged")
             say(f"sft: merged base + adapter into {rd.path / 'merged'} "
