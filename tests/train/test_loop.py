@@ -383,6 +383,17 @@ def test_fsdp_two_processes_match_single_process_and_resume_bitwise(tmp_path, cu
     assert "resumed from checkpoint" in r.stdout and "step-000002" in r.stdout
     assert_bitwise_equal(weights(tmp_path / "fsdp" / "model"), weights(resumed / "model"))
 
+    # A last evaluation that is not the best: the best weights are scattered back into the shards
+    # after an evaluation forward (which leaves FSDP's root group unsharded).
+    worse = {**base["train"], "lr": 0.5, "max_steps": 2, "warmup_steps": 0, "eval_every": 1, "checkpoint_every": 0}
+    sharded = write_yaml(tmp_path / "f2.yaml", {**base, "train": {**worse, "batch_size": 2, "fsdp": True}})
+    r = torchrun("pretrain", str(sharded), "--out", str(tmp_path / "fsdp2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = read_manifest(tmp_path / "fsdp2")["summary"]
+    assert summary["best_step"] == 1 and summary["steps"] == 2  # val loss 7.44 at step 1, 7.50 at step 2
+    best = load_file(str(tmp_path / "fsdp2" / "checkpoints" / "best" / "trainable.safetensors"))
+    assert_bitwise_equal(best, weights(tmp_path / "fsdp2" / "model"))  # the step-1 weights, not step 2's
+
 
 def test_bad_inputs_one_sentence(tmp_path, curated_dir, tokenizer_dir):
     cfg = pretrain_config(curated_dir, tokenizer_dir)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
@@ -142,20 +143,24 @@ def load(ckpt: Path, *, model, optimizer, scheduler, rank: int, world: int) -> d
             "resume with the same number of processes."
         )
     # Same world size and same config (the pipeline resumes only then) => same train.fsdp.
+    # Sharded: process 0 alone reads the tensors and scatters them; every process checks the names.
     sharded = fsdp.is_sharded(model)
-    weights = load_file(str(ckpt / "trainable.safetensors"))
+    with safe_open(str(ckpt / "trainable.safetensors"), framework="pt") as f:
+        names = set(f.keys())
     params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unknown = [n for n in weights if n not in params]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in names]
+    unknown = [n for n in names if n not in params]
     if missing or unknown:
         raise LmforgeError(
             f"Checkpoint {ckpt} does not match this model ({len(missing)} trainable parameters missing, "
             f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]}); was the model or adapter config changed?"
         )
-    load_trainable(model, weights)
-    opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    reader = not sharded or rank == 0
+    load_trainable(model, load_file(str(ckpt / "trainable.safetensors")) if reader else {})
+    # mmap: a process that is not the reader touches only the scheduler's few bytes.
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=False, mmap=not reader)
     if sharded:
-        fsdp.load_optimizer_state(model, optimizer, opt["optimizer"])
+        fsdp.load_optimizer_state(model, optimizer, opt["optimizer"] if reader else {})
     else:
         optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])

@@ -11,7 +11,12 @@ this one runs on CPU (gloo, where the tests run it) and GPU (NCCL) alike.
 
 Weights and optimizer state leave a sharded model only through `full_model_state` /
 `full_optimizer_state` (collectives: every process calls them; process 0 receives full tensors
-on CPU), so checkpoints and saved models have the same format as with DDP or one process.
+on CPU), so checkpoints and saved models have the same format as with DDP or one process. They
+come back through process 0 too (`load_*` with `broadcast_from_rank0`): one CPU copy of the
+full state per machine, not one per process.
+
+With bf16, FSDP computes with bf16 copies of the weights (fp32 masters, fp32 gradient
+reduction), where DDP autocasts op by op: the two agree to bf16 precision, not to fp32's.
 """
 
 from __future__ import annotations
@@ -28,10 +33,16 @@ def is_sharded(model) -> bool:
 
 
 def _blocks(model) -> list[torch.nn.Module]:
-    """The repeated blocks to shard one by one: the classes transformers lists in
-    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...). Each becomes one all-gather."""
+    """The repeated blocks to shard one by one: the outermost modules of the classes transformers
+    lists in `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...). Each becomes one all-gather."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    found: list[torch.nn.Module] = []
+    inside: set[int] = set()  # modules within a block already found (modules() is parent first)
+    for m in model.modules():
+        if type(m).__name__ in names and id(m) not in inside:
+            found.append(m)
+            inside.update(id(c) for c in m.modules())
+    return found
 
 
 def shard(model, acc) -> None:
@@ -49,7 +60,8 @@ def shard(model, acc) -> None:
             f"train.fsdp: {type(model).__name__} names no decoder block class (`_no_split_modules`) to shard; "
             "use DDP (train.fsdp: false)."
         )
-    model.to(acc.device)
+    # No model.to(device) first: fully_shard moves each group to the mesh device as it shards
+    # it, so no process ever holds the whole model on the GPU.
     mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
     mp = MixedPrecisionPolicy()
     if acc.mixed_precision == "bf16":
@@ -65,34 +77,48 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
+def _resharded(model) -> None:
+    # After an evaluation forward (no backward) the root group stays unsharded (FSDP does not
+    # reshard the root after forward), and the state-dict helpers then see plain tensors where
+    # they expect shards. Resharding first makes every call start from the same layout.
+    model.reshard()
+
+
 def full_model_state(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as full CPU tensors on process 0 ({} elsewhere). Collective.
     A tied weight appears once (as named_parameters lists it), as in the model's own save."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    _resharded(model)
     full = get_model_state_dict(model, options=_options(cpu_offload=True))
     aliases = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
     return {k: v for k, v in full.items() if k not in aliases}
 
 
 def load_model_state(model, weights: dict[str, torch.Tensor]) -> None:
-    """Load full tensors (every process passes the same dict) into the shards. Collective."""
+    """Scatter full tensors that process 0 passes (the others pass {}) into the shards. Collective.
+    Not strict: a checkpoint holds the trainable parameters only (the caller checks the names)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, weights, options=_options(strict=False))
+    _resharded(model)
+    set_model_state_dict(model, weights, options=_options(strict=False, broadcast_from_rank0=True))
 
 
 def full_optimizer_state(model, optimizer) -> dict:
     """The optimizer state keyed by parameter name, full tensors on process 0. Collective."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    _resharded(model)
     return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Scatter the optimizer state process 0 passes (the others pass {}). Collective. Not strict:
+    a parameter that never had a gradient has no state, as in DDP's optimizer.load_state_dict."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=_options())
+    _resharded(model)
+    set_optimizer_state_dict(model, optimizer, state, options=_options(strict=False, broadcast_from_rank0=True))
 
 
 def grad_norm_value(norm) -> float:

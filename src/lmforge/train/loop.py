@@ -154,10 +154,11 @@ def _save_best(root: Path, model, step: int, metrics: dict, is_main: bool) -> No
     replace_dir(tmp, root / "best")
 
 
-def _load_best(root: Path, model) -> None:
+def _load_best(root: Path, model, is_main: bool) -> None:
     from safetensors.torch import load_file
 
-    ckpt.load_trainable(model, load_file(str(root / "best" / "trainable.safetensors")))
+    reader = is_main or not fsdp.is_sharded(model)  # sharded: process 0 reads and scatters
+    ckpt.load_trainable(model, load_file(str(root / "best" / "trainable.safetensors")) if reader else {})
 
 
 def train(
@@ -317,6 +318,8 @@ def train(
                 last_eval = evaluate()
                 log({"step": step, **last_eval})
                 val = last_eval.get("val_loss")
+                if val is not None and world > 1:  # one decision on every process (saving best is collective)
+                    val = float(acc.reduce(torch.tensor(val, dtype=torch.float64, device=acc.device), reduction="mean"))
                 if val is not None and val < best:
                     best, best_step, bad_evals = val, step, 0
                     if cfg.keep_best:
@@ -331,9 +334,12 @@ def train(
                         rd.log(msg)
 
             at_end = step == cfg.max_steps or stopped_early
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or at_end or sigterm.set):
+            preempted = sigterm.set
+            if world > 1:  # a signal reaches processes at different steps; all stop at the same one
+                preempted = acc.reduce(torch.tensor(float(preempted), device=acc.device), reduction="sum").item() > 0
+            if preempted or (cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or at_end)):
                 save_checkpoint()
-            if sigterm.set:
+            if preempted:
                 raise Preempted(
                     f"Received SIGTERM; saved a checkpoint at step {step} in {rd.checkpoints}. "
                     "Re-run the same command with --resume (or re-run the recipe) to continue."
@@ -347,7 +353,7 @@ def train(
     # loads the best weights rank 0 saved: best_step is the same on all ranks.
     acc.wait_for_everyone()
     if cfg.keep_best and best_step is not None:
-        _load_best(rd.checkpoints, model)
+        _load_best(rd.checkpoints, model, main)
     return TrainResult(
         step=step, best_val_loss=None if best_step is None else best, best_step=best_step, last_eval=last_eval,
         stopped_early=stopped_early, tokens_per_s=(tokens_total + tokens_since_log * world) / max(wall, 1e-9),
