@@ -300,6 +300,27 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, reference_run, sig):
     assert steps == list(range(1, 61))
 
 
+def test_sigterm_saves_a_checkpoint_without_periodic_ones(tmp_path, reference_run, curated_dir, tokenizer_dir):
+    """checkpoint_every 0 (no periodic checkpoints): SIGTERM still saves one, and the resumed run
+    ends bitwise equal to the uninterrupted reference (same training settings)."""
+    _, ref = reference_run
+    cfg = write_yaml(tmp_path / "c.yaml", pretrain_config(curated_dir, tokenizer_dir, max_steps=60, checkpoint_every=0,
+                                                          eval_every=20))
+    out = tmp_path / "run"
+    proc = _start(cfg, out)
+    t0 = time.time()
+    while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text().count("\n") < 5:
+        assert proc.poll() is None and time.time() - t0 < 120
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    saved = ckpt.latest(out / "checkpoints")
+    assert saved is not None and f"saved a checkpoint at step {int(saved.name[5:])}" in proc.stderr.read()
+    r = run_cli("pretrain", str(cfg), "--out", str(out), "--resume")
+    assert r.returncode == 0 and f"resumed from checkpoint {saved}" in r.stdout, r.stderr
+    assert_bitwise_equal(weights(ref / "model"), weights(out / "model"))
+
+
 def test_corrupted_checkpoint_is_refused_with_one_sentence(tmp_path, reference_run):
     cfg, ref = reference_run
     out = tmp_path / "run"
