@@ -186,10 +186,9 @@ def train(
                            "adapter); set train.fsdp: false to train this stage with DDP.")
     if sharded:
         fsdp.shard(model, acc)  # before the optimizer: it must hold the sharded parameters
-        optimizer = make_optimizer(model, cfg)
-        engine = model
-    else:
-        optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
+    engine = model
+    if not sharded:  # DDP (several processes) or nothing (one), and device placement
         engine, optimizer = acc.prepare(model, optimizer)
     # The scheduler is not prepared: accelerate would step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
