@@ -200,8 +200,8 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     # eval at step 0 -> 5.0, step 1 -> 3.0, step 2 -> 2.0 (best), step 3 -> 2.5, step 4 -> 2.6 -> stop
     orig_save = ckpt.trainable_state
 
-    def spy(m):
-        st = orig_save(m)
+    def spy(m, **kw):
+        st = orig_save(m, **kw)
         snapshots["best"] = {k: v.clone() for k, v in st.items()}
         return st
 

@@ -31,26 +31,27 @@ from lmforge.rundir import atomic_write_json, file_sha256
 from lmforge.train import fsdp
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Every trainable parameter by name, on CPU. For a sharded (FSDP) model this gathers the
-    shards: a collective that every process must call; only process 0 gets the tensors."""
+def trainable_state(model, *, is_main: bool = True) -> dict[str, torch.Tensor]:
+    """Every trainable parameter by name, on CPU, for process 0 ({} for the others). A sharded
+    (FSDP) model's shards are gathered: a collective that every process must call."""
+    if fsdp.is_sharded(model):
+        full = fsdp.full_model_state(model)  # {} on processes other than 0
+        return {n: full[n] for n, p in model.named_parameters() if p.requires_grad and n in full}
+    if not is_main:
+        return {}
     # named_parameters() lists a tied weight once, so safetensors never sees shared storage.
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if fsdp.is_sharded(model):
-        full = fsdp.full_model_state(model)
-        return {n: full[n] for n in names if n in full}
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().contiguous().cpu() for n in names}
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model, weights: dict[str, torch.Tensor]) -> None:
-    """Copy `weights` (full tensors, by name) into the model's parameters, or into its shards."""
+def load_trainable(model, path: Path, *, is_main: bool = True) -> None:
+    """Load a trainable-parameter file (full tensors, by name) into the model's parameters. A
+    sharded model: process 0 alone reads it and scatters it into the shards (a collective)."""
     if fsdp.is_sharded(model):
-        fsdp.load_model_state(model, weights)
+        fsdp.load_model_state(model, load_file(str(path)) if is_main else {})
         return
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for n, t in weights.items():
+        for n, t in load_file(str(path)).items():
             params[n].copy_(t)
 
 
@@ -80,7 +81,7 @@ def save(root: Path, *, step: int, model, optimizer, scheduler, state: dict, ran
     """Write checkpoint `step` (every rank writes its RNG file; rank 0 writes the rest).
     Every rank must call it: a sharded model's weights and optimizer state are gathered here."""
     sharded = fsdp.is_sharded(model)
-    weights = trainable_state(model) if sharded or is_main else {}
+    weights = trainable_state(model, is_main=is_main)
     opt_state = fsdp.full_optimizer_state(model, optimizer) if sharded else None
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -156,7 +157,7 @@ def load(ckpt: Path, *, model, optimizer, scheduler, rank: int, world: int) -> d
             f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]}); was the model or adapter config changed?"
         )
     reader = not sharded or rank == 0
-    load_trainable(model, load_file(str(ckpt / "trainable.safetensors")) if reader else {})
+    load_trainable(model, ckpt / "trainable.safetensors", is_main=rank == 0)
     # mmap: a process that is not the reader touches only the scheduler's few bytes.
     opt = torch.load(ckpt / "optimizer.pt", weights_only=False, mmap=not reader)
     if sharded:

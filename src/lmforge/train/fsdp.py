@@ -95,6 +95,12 @@ def full_model_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in full.items() if k not in aliases}
 
 
+def weights_to_save(model) -> dict[str, torch.Tensor] | None:
+    """What a stage passes to `save_model(state_dict=...)`: a sharded model's gathered weights
+    (a collective: every process calls it, process 0 gets them), None for a plain model."""
+    return full_model_state(model) if is_sharded(model) else None
+
+
 def load_model_state(model, weights: dict[str, torch.Tensor]) -> None:
     """Scatter full tensors that process 0 passes (the others pass {}) into the shards. Collective.
     Not strict: a checkpoint holds the trainable parameters only (the caller checks the names)."""

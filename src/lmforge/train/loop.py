@@ -144,7 +144,7 @@ def _save_best(root: Path, model, step: int, metrics: dict, is_main: bool) -> No
 
     from lmforge.rundir import replace_dir
 
-    weights = ckpt.trainable_state(model) if is_main or fsdp.is_sharded(model) else {}  # a collective if sharded
+    weights = ckpt.trainable_state(model, is_main=is_main)  # every process: a collective if sharded
     if not is_main:
         return
     tmp = root / ".tmp-best"
@@ -155,10 +155,7 @@ def _save_best(root: Path, model, step: int, metrics: dict, is_main: bool) -> No
 
 
 def _load_best(root: Path, model, is_main: bool) -> None:
-    from safetensors.torch import load_file
-
-    reader = is_main or not fsdp.is_sharded(model)  # sharded: process 0 reads and scatters
-    ckpt.load_trainable(model, load_file(str(root / "best" / "trainable.safetensors")) if reader else {})
+    ckpt.load_trainable(model, root / "best" / "trainable.safetensors", is_main=is_main)
 
 
 def train(

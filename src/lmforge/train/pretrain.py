@@ -129,7 +129,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "epochs": round(train_blocks.epochs(result.step * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes), 3),
         **{k: v for k, v in result.last_eval.items()},
     }
-    weights = fsdp.full_model_state(model) if fsdp.is_sharded(model) else None  # every process: a collective
+    weights = fsdp.weights_to_save(model)  # every process: a collective when sharded
     if acc.is_main_process:
         with staged_dir(rd.artifact) as tmp:
             save_model(model, tokenizer, tmp, extra={"stage": "pretrain", "summary": summary}, state_dict=weights)

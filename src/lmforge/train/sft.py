@@ -320,7 +320,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "examples_seen": seen, "epochs": round(seen / len(train_ex), 3), "tokens_per_s": round(result.tokens_per_s, 1),
         "train_seconds": round(result.wall_seconds, 2), **result.last_eval,
     })
-    weights = fsdp.full_model_state(model) if fsdp.is_sharded(model) else None  # every process: a collective
+    weights = fsdp.weights_to_save(model)  # every process: a collective when sharded
     if main:
         # Replies now end with the template's end-of-turn token; when that is not EOS (a reused
         # template: <|im_end|>, <|eot_id|>), plain transformers' generate must stop there too.
