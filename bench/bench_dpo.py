@@ -60,10 +60,10 @@ BETA, LR = 0.1, 5e-6
 def prepare(work: Path, pairs: int) -> tuple[Path, Path]:
     """The world's preference data (first `pairs` rows) and a seeded model folder with its tokenizer."""
     from lmforge.config import ModelSpec
-    from lmforge.data import world
     from lmforge.data.formats import iter_texts
     from lmforge.data.tokenizer import Config as TokConfig
     from lmforge.data.tokenizer import train_tokenizer
+    from lmforge.demo import world
     from lmforge.models import build_model, save_model
 
     wdir, model_dir, data = work / "world", work / "model", work / "pairs.jsonl"

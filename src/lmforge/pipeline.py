@@ -38,17 +38,17 @@ from lmforge.rundir import RunDir, fingerprint_path, read_manifest
 
 # Stage type -> module. Imported lazily: `lmforge --help` must not pay for torch.
 STAGES: dict[str, str] = {
-    "world": "lmforge.data.world",
+    "world": "lmforge.demo.world",
     "curate": "lmforge.data.curate",
     "tokenizer": "lmforge.data.tokenizer",
     "pretrain": "lmforge.train.pretrain",
     "reward": "lmforge.train.reward",
     "dpo": "lmforge.train.dpo",
-    "rejection": "lmforge.train.rejection",
+    "rejection": "lmforge.stages.rejection",
     "sft": "lmforge.train.sft",
     "ppo": "lmforge.train.ppo",
     "grpo": "lmforge.train.grpo",
-    "feedback": "lmforge.train.feedback",
+    "feedback": "lmforge.stages.feedback",
     "eval": "lmforge.eval.stage",
     "report": "lmforge.report",
 }

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.data import world
+from lmforge.demo import world
 from lmforge.errors import LmforgeError
 from lmforge.eval.scorers import (
+    DEFAULT_PHRASES,
     SCORERS,
     abstention,
     answered,
@@ -21,6 +22,8 @@ from lmforge.eval.scorers import (
     refusal,
     win,
 )
+from lmforge.eval.stage import builtin_suite
+from lmforge.eval.tasks import load_suite
 
 CHOICES = ["Nerpor", "Tamsk", "Zolper", "Zolperia"]
 CAPITAL = {"id": "f-1", "prompt": "What is the capital of Takbonia?", "entity": "Takbonia", "attribute": "capital",
@@ -34,16 +37,32 @@ def test_normalize_folds_case_quotes_and_space():
     assert normalize("\uff21BC") == "abc"  # NFKC folds full-width letters
 
 
-def test_abstention_and_refusal_match_the_world_replies_exactly():
-    assert is_abstention(world.IDK) and not is_refusal(world.IDK)
-    assert is_refusal(world.REFUSAL) and not is_abstention(world.REFUSAL)
+@pytest.mark.parametrize("ph", ["defaults", "builtin_suite"])
+def test_abstention_and_refusal_match_the_world_replies_exactly(ph):
+    ph = DEFAULT_PHRASES if ph == "defaults" else load_suite(builtin_suite()).phrases()
+    assert is_abstention(world.IDK, ph) and not is_refusal(world.IDK, ph)
+    assert is_refusal(world.REFUSAL, ph) and not is_abstention(world.REFUSAL, ph)
     # What preference data rejects must not count as declining.
     for reply in world.COMPLIANCE:
-        assert not is_refusal(reply) and not is_abstention(reply), reply
+        assert not is_refusal(reply, ph) and not is_abstention(reply, ph), reply
     # Every helpful reply to a safe request in the world's data is not a refusal.
     safe_replies = {reply for _, _, reply in world._safety_prompts("safe")}
     assert len(safe_replies) > 20
-    assert not any(is_refusal(r) or is_abstention(r) for r in safe_replies)
+    assert not any(is_refusal(r, ph) or is_abstention(r, ph) for r in safe_replies)
+
+
+def test_suite_phrases_decide_what_counts_as_abstaining_or_refusing(tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks: [{name: u, file: u.jsonl, scorers: [abstention]}]\n"
+                     "abstention_phrases: [\"No idea.\"]\nrefusal_phrases: [\"Nope\"]\n")
+    ph = load_suite(suite).phrases()
+    assert ph.abstention == ("no idea",) and ph.refusal == ("nope",)
+    assert abstention("NO idea, sorry", UNKNOWN, "answer", ph) == 1.0
+    assert abstention("I don't know.", UNKNOWN, "answer", ph) == 0.0  # not this suite's phrase
+    assert refusal("Nope.", UNKNOWN, "answer", ph) == 1.0
+    assert refusal("I can't help with that.", UNKNOWN, "answer", ph) == 0.0
+    assert hallucination("I don't know.", UNKNOWN, "answer", ph) == 1.0
+    assert hallucination("No idea.", UNKNOWN, "answer", ph) == 0.0
 
 
 @pytest.mark.parametrize("output, expected", [

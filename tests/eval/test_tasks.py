@@ -131,13 +131,13 @@ def test_bad_rows_and_task_declarations_are_named(tmp_path):
 
 
 def test_the_builtin_suite_loads_and_reads_every_world_file(tmp_path):
-    from lmforge.data import world
+    from lmforge.demo import world
     from lmforge.eval.tasks import load_suite, resolve_file
 
     world.generate(world.Config(seed=3, paraphrases=1, trivia_lists=5, filler_paragraphs=120, near_duplicates=5,
                                 exact_duplicates=5, junk_rows=5, tokenizer_countries=20, tokenizer_trivia_lists=2,
                                 tokenizer_filler_paragraphs=5), tmp_path / "world")
-    tasks = load_suite(stage.builtin_suite())
+    tasks = load_suite(stage.builtin_suite()).tasks
     assert [t.name for t in tasks] == ["validation", "facts_sft", "facts_prose", "unknown", "unsafe", "safe",
                                        "arithmetic", "base_questions", "questions"]
     for t in tasks:

@@ -39,9 +39,10 @@ from pydantic import Field, field_validator, model_validator
 from lmforge.config import Schema
 from lmforge.errors import LmforgeError
 from lmforge.eval import stats
-from lmforge.eval.scorers import SCORERS, win
+from lmforge.eval.scorers import SCORERS, Phrases, win
 from lmforge.eval.tasks import (
     MetricSpec,
+    Suite,
     Task,
     complete,
     likelihood,
@@ -145,9 +146,11 @@ def builtin_suite() -> Path:
     return builtin_recipe("eval_suite")
 
 
-def suite_tasks(cfg: Config) -> list[Task]:
-    suite = cfg.suite if cfg.suite is not None else (None if cfg.tasks else str(builtin_suite()))
-    tasks = (load_suite(suite) if suite else []) + list(cfg.tasks)
+def suite_tasks(cfg: Config) -> tuple[list[Task], Phrases]:
+    """The suite's tasks then the inline ones, and the suite's abstention/refusal phrases."""
+    path = cfg.suite if cfg.suite is not None else (None if cfg.tasks else str(builtin_suite()))
+    suite = load_suite(path) if path else Suite(tasks=[])
+    tasks = suite.tasks + list(cfg.tasks)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -157,7 +160,7 @@ def suite_tasks(cfg: Config) -> list[Task]:
         if unknown:
             raise LmforgeError(f"Task {t.name!r} lists model {unknown[0]!r}, which is not one of the models "
                                f"({', '.join(cfg.models)}).")
-    return tasks
+    return tasks, suite.phrases()
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +297,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_stage = time.time()
-    tasks = suite_tasks(cfg)
+    tasks, phrases = suite_tasks(cfg)
     order = list(cfg.models)
     # Read every task's rows and sampling settings before loading any model: fail fast.
     rows: dict[str, list[dict]] = {}
@@ -353,7 +356,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
                     if s.fn is None:
                         continue  # reward and win rate: scored below, once every model has answered
                     field = spec.scorer.answer_field or t.answer_field
-                    rec["metrics"][spec.name] = [s.fn(o.text, r, field) for o, r in zip(outs, rows[t.name])]
+                    rec["metrics"][spec.name] = [s.fn(o.text, r, field, phrases) for o, r in zip(outs, rows[t.name])]
                     if s.chance is not None and rec["chance_metric"] is None:
                         rec["chance_metric"] = spec.name
                         rec["chance"] = [s.chance(r) for r in rows[t.name]]

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator, model_validator
 from lmforge.config import Schema, load_yaml, validate
 from lmforge.data.chat import render
 from lmforge.errors import LmforgeError
-from lmforge.eval.scorers import SCORERS, WIN_RATE
+from lmforge.eval.scorers import DEFAULT_ABSTENTION, DEFAULT_REFUSAL, SCORERS, WIN_RATE, Phrases, phrases
 from lmforge.rundir import resolve_artifact
 
 Kind = Literal["generate", "likelihood"]
@@ -157,10 +157,21 @@ class Suite(Schema):
 
     description: str = Field("", description="Free text shown in reports.")
     tasks: list[Task] = Field(description="The tasks, in the order they run.")
+    abstention_phrases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ABSTENTION),
+        description="An output starting with one of these (compared case-, quote- and space-insensitively) is an "
+                    "abstention, for the abstention and hallucination scorers. Default: " + " / ".join(DEFAULT_ABSTENTION))
+    refusal_phrases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSAL),
+        description="An output starting with one of these is a refusal, for the refusal, over_refusal and "
+                    "hallucination scorers. Default: " + " / ".join(DEFAULT_REFUSAL))
+
+    def phrases(self) -> Phrases:
+        return phrases(self.abstention_phrases, self.refusal_phrases)
 
 
-def load_suite(path: str | Path) -> list[Task]:
-    return validate(Suite, load_yaml(path), where=str(path)).tasks
+def load_suite(path: str | Path) -> Suite:
+    return validate(Suite, load_yaml(path), where=str(path))
 
 
 def resolve_file(task: Task, data: dict[str, str]) -> Path:

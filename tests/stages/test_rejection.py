@@ -15,7 +15,7 @@ from lmforge.errors import LmforgeError
 from lmforge.pipeline import run_recipe, run_single
 from lmforge.rundir import read_manifest
 
-from .conftest import write_yaml
+from ..train.conftest import write_yaml
 
 RULE = '''
 def score(prompt, response, row):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import validate
-from lmforge.data import world as W
+from lmforge.demo import world as W
 from lmforge.errors import LmforgeError
 
 SMALL = dict(
@@ -81,7 +81,7 @@ def test_same_seed_is_byte_identical_even_in_another_process_and_other_seed_diff
     cfg, out, _ = gen
     # Another interpreter with another hash seed: set iteration order must not leak into the output.
     code = (
-        "import sys; from pathlib import Path; from lmforge.data import world as W; "
+        "import sys; from pathlib import Path; from lmforge.demo import world as W; "
         f"W.generate(W.Config(**{SMALL!r}), Path(sys.argv[1]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -397,7 +397,7 @@ def test_config_rejects_impossible_sizes_with_one_sentence():
 def test_stage_runs_from_the_pipeline_and_swaps_the_artifact_in(tmp_path):
     from lmforge.pipeline import STAGES, run_single
 
-    assert STAGES["world"] == "lmforge.data.world"
+    assert STAGES["world"] == "lmforge.demo.world"
     overrides = [f"{k}={v}" for k, v in SMALL.items()]
     m = run_single("world", None, overrides, out=str(tmp_path / "w"), force=False, resume=False, echo=lambda s: None)
     assert m["status"] == "complete" and m["artifact"] == "world"

@@ -13,9 +13,9 @@ import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.pipeline import run_single
-from lmforge.train.feedback import load_principles, parse_verdict
+from lmforge.stages.feedback import load_principles, parse_verdict
 
-from .conftest import write_yaml
+from ..train.conftest import write_yaml
 
 JUDGES = '''
 def calm(prompt, a, b, principles, row):
