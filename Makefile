@@ -14,7 +14,7 @@ $(BIN)/python:
 # `torch>=2.4` requirement is already met and pip does not fetch a CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[serve,qlora,dev]"
+	$(BIN)/python -m pip install -q -e ".[serve,qlora,rag,dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP)

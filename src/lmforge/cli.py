@@ -206,6 +206,23 @@ def eval_cmd(
     cli_eval(model, suite, data or [], out=out, name=name, overrides=overrides or [], force=force)
 
 
+@app.command("index")
+def index_cmd(
+    documents: List[str] = typer.Argument(..., help="Document files, folders or globs (JSONL/Parquet/CSV/.txt/.md); a text or Markdown file is one document, a row is one document."),
+    out: str = typer.Option(..., "--out", help="Index stage folder to write; if it already holds an index, only new or changed documents are chunked and embedded."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer or model folder whose tokens size the chunks (the generating model's)."),
+    embedding_model: Optional[str] = typer.Option(None, "--embedding-model", help="Dense index: a sentence-transformers model folder, or a causal LM folder (mean-pooled hidden states). Default: BM25 only."),
+    questions: Optional[str] = typer.Option(None, "--questions", help="JSONL questions with gold passages (evidence/source fields): report recall@k and MRR."),
+    chunk_tokens: int = typer.Option(128, "--chunk-tokens", help="Tokens per chunk."),
+    overlap: int = typer.Option(32, "--overlap", help="Tokens a chunk shares with the previous one."),
+) -> None:
+    """Build or update a retrieval index (BM25, plus dense vectors with --embedding-model) of documents."""
+    from lmforge.retrieval.stage import cli_index
+
+    cli_index(documents, out=out, tokenizer=tokenizer, embedding_model=embedding_model, questions=questions,
+              chunk_tokens=chunk_tokens, overlap=overlap)
+
+
 @app.command("report")
 def report_cmd(run_dir: str = typer.Argument(..., help="A run folder, e.g. runs/default.")) -> None:
     """Rebuild a run's report.md and report.html from its stage folders (no model is re-run)."""

@@ -50,6 +50,7 @@ STAGES: dict[str, str] = {
     "grpo": "lmforge.train.grpo",
     "feedback": "lmforge.stages.feedback",
     "eval": "lmforge.eval.stage",
+    "index": "lmforge.retrieval.stage",
     "report": "lmforge.report",
 }
 
