@@ -81,6 +81,70 @@ _stage_command("grpo", "GRPO: groups of responses per prompt, group-normalised r
 _stage_command("feedback", "AI feedback: a judge ranks responses under written principles (both orders), or critique-and-revise; writes preference and SFT data.")
 
 
+@app.command("label")
+def label_cmd(
+    target: Optional[str] = typer.Argument(None, help="PROMPTS.jsonl whose answers people will judge; or the word "
+                                           "`export` followed by a label folder."),
+    folder: Optional[str] = typer.Argument(None, help="With `export`: the label folder (the --out of `lmforge label`)."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="Model answering the prompts (repeat for several; they take turns)."),
+    k: int = typer.Option(4, "--k", help="Responses per prompt (keys 1..k on the page)."),
+    mode: str = typer.Option("rank", "--mode", help="rank (order all k) or pairwise (A / B / tie / both bad; k = 2)."),
+    responses: Optional[str] = typer.Option(None, "--responses", help="Ready responses JSONL {prompt, responses: [...]} instead of generating."),
+    out: str = typer.Option("runs/label", "--out", help="Label folder: the database (labels.sqlite) and the export (data/)."),
+    add_annotator: Optional[List[str]] = typer.Option(None, "--add-annotator", help="Register an annotator (repeatable) and print their token and link."),
+    overlap: float = typer.Option(0.2, "--overlap", help="Share of items judged by two annotators (agreement)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes the page to the network)."),
+    port: int = typer.Option(8765, "--port", help="TCP port (0 = any free port)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Serve nothing: add the items and export what is labelled so far."),
+    max_wait: Optional[float] = typer.Option(None, "--max-wait", help="Stop serving after this many seconds (default: when all is judged, or Ctrl-C)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.95)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens per response (default 128)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default 0)."),
+    fmt: Optional[List[str]] = typer.Option(None, "--format", help="With `export`: preference, kto, sft, items or all (repeatable; default all)."),
+    to: Optional[str] = typer.Option(None, "--to", help="With `export`: output folder (default: <folder>/export)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+) -> None:
+    """Label model answers in the browser (rank, pairwise, flags, ideal answers) and export preference, KTO and SFT data."""
+    import json
+    from pathlib import Path
+
+    from lmforge.label.store import Store
+
+    if target == "export" and not os.path.exists("export"):
+        from lmforge.label.export import FORMATS, export
+
+        if folder is None:
+            raise LmforgeError("`lmforge label export` needs the label folder, e.g. lmforge label export runs/label.")
+        db = Path(folder) if Path(folder).is_file() else Path(folder) / "labels.sqlite"
+        if not db.is_file():
+            raise LmforgeError(f"{folder} holds no labels.sqlite; give the --out folder of `lmforge label`.")
+        formats = list(FORMATS) if not fmt or "all" in fmt else fmt
+        dest = Path(to) if to else db.parent / "export"
+        s = export(Store(db), dest, formats)
+        written = ", ".join(f"{f}.jsonl ({s['rows'][f]} rows)" for f in formats)
+        print(f"wrote {written} and stats.json to {dest}")
+        return
+    if target is None and responses is None and add_annotator:
+        store = Store(Path(out) / "labels.sqlite")
+        url = store.meta("url", f"http://{host}:{port}/")
+        for name in add_annotator:
+            token = store.add_annotator(name)
+            print(f"annotator {name}: token {token}\n    {url}?token={token}")
+        return
+    if target is None and responses is None:
+        raise LmforgeError("lmforge label needs PROMPTS.jsonl (with --model) or --responses FILE.")
+    from lmforge.pipeline import run_single
+
+    sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    values = {"prompts": target, "model": list(model or []) or None, "responses": responses, "k": k, "mode": mode,
+              "overlap": overlap, "host": host, "port": port, "wait": "none" if no_wait else "done",
+              "max_wait_s": max_wait, "annotators": list(add_annotator or []), "device": device,
+              **{f"sampling.{key}": v for key, v in sampling.items() if v is not None}}
+    overrides = [f"{key}={json.dumps(v)}" for key, v in values.items() if v is not None]
+    run_single("label", None, overrides, out=out, force=True, resume=False)
+
+
 @app.command("score")
 def score_cmd(
     model: str = typer.Argument(..., help="A reward model: a reward stage folder or a HF sequence-classification folder."),

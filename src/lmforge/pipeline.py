@@ -52,6 +52,7 @@ STAGES: dict[str, str] = {
     "eval": "lmforge.eval.stage",
     "index": "lmforge.retrieval.stage",
     "report": "lmforge.report",
+    "label": "lmforge.label.stage",
 }
 
 

@@ -1,0 +1,8 @@
+"""Human feedback: a labelling web app whose judgments become reward, DPO, KTO and SFT data.
+
+    store.py      SQLite (WAL) store: items, responses, annotators, assignments, judgments
+    agreement.py  Krippendorff's alpha per annotator pair and overall
+    export.py     judgments -> preference / KTO / SFT / per-item JSONL (what `reward` and `dpo` read)
+    app.py        the FastAPI server and its page (static/), every call token-checked
+    stage.py      the `label` stage and `lmforge label`: prompts -> responses -> server -> export
+"""
