@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,16 @@ lint: $(STAMP)
 
 # One OpenMP thread per process: tests start subprocesses (CLI runs, servers, 2-process DDP),
 # and a 2-core machine oversubscribed by spinning OpenMP pools runs them many times slower.
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The labelling app's browser test drives the system's chromium through chromedriver (never a
+# browser downloaded at run time): installed from apt when absent and we are root.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } || \
+		echo "chromium and chromium-driver are missing: install them (as root: apt-get install chromium chromium-driver)"
 
 clean:
 	rm -rf $(VENV) runs

@@ -24,11 +24,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from lmforge.errors import LmforgeError
 from lmforge.label.store import Annotator, Store
 
 STATIC = Path(__file__).with_name("static")
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'"
+
+
+class JudgmentIn(BaseModel):
+    """The body of POST /api/judgments (store.check_judgment checks it against the item)."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_id: int = Field(description="The item judged.")
+    verdict: str = Field(description="ranked, tie, all_bad or skip.")
+    ranking: list[int] | None = Field(None, description="Response ids, best first (verdict ranked).")
+    flags: dict[str, list[str]] = Field(default_factory=dict, description="Response id -> unsafe/wrong.")
+    ideal: str | None = Field(None, description="The ideal answer the annotator wrote.")
+    note: str | None = Field(None, description="A free note.")
+    seconds: float = Field(0.0, description="Time spent on the item.")
 
 
 def shown(item: dict, annotator_id: int) -> dict:
@@ -43,8 +58,6 @@ def create_app(store: Store) -> Any:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
-    from pydantic import BaseModel, ConfigDict, Field
-
     app = FastAPI(title="lmforge label", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
@@ -53,16 +66,6 @@ def create_app(store: Store) -> Any:
 
     class Missing(Exception):
         pass
-
-    class JudgmentIn(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        item_id: int = Field(description="The item judged.")
-        verdict: str = Field(description="ranked, tie, all_bad or skip.")
-        ranking: list[int] | None = Field(None, description="Response ids, best first (verdict ranked).")
-        flags: dict[str, list[str]] = Field(default_factory=dict, description="Response id -> unsafe/wrong.")
-        ideal: str | None = Field(None, description="The ideal answer the annotator wrote.")
-        note: str | None = Field(None, description="A free note.")
-        seconds: float = Field(0.0, description="Time spent on the item.")
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

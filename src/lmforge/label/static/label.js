@@ -1,5 +1,5 @@
 // lmforge label: keyboard-first judging. Model outputs are untrusted: they only ever go into
-// textContent (never innerHTML), and the server's Content-Security-Policy forbids inline script.
+// textContent (never as markup), and the server's Content-Security-Policy forbids inline script.
 "use strict";
 
 const TOKEN_KEY = "lmforge-label-token";
