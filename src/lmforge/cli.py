@@ -296,6 +296,25 @@ def report_cmd(run_dir: str = typer.Argument(..., help="A run folder, e.g. runs/
     print(f"wrote {r['markdown']} and {r['html']} ({r['figures']} figures; stages: {', '.join(r['stages'])})")
 
 
+@app.command("estimate")
+def estimate_cmd(
+    target: str = typer.Argument(..., help="A recipe YAML, or one stage's config YAML (then --stage names its type)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    device: Optional[str] = typer.Option(None, "--device", help="A listed device (h100-80gb, h200, a100-40gb, a100-80gb, l4, rtx-4090, apple-m3-max, apple-m2, cpu-2core); default: this machine, measured."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="The stage type of a single stage config (pretrain, sft, dpo, reward, ppo, grpo)."),
+    processes: int = typer.Option(1, "--processes", help="Processes the stage runs on (torchrun); with train.fsdp they shard the states."),
+    probe: bool = typer.Option(False, "--probe", help="Run three real steps of each stage here to calibrate, and say how far the static estimate was off."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of stages (stage, peak_memory_bytes, wall_seconds, fits, advice, ...)."),
+) -> None:
+    """Predict each training stage's parameters, memory (broken down), FLOPs, step and wall time, and fit on a device."""
+    import json
+
+    from lmforge.estimate import estimate_target, render
+
+    found = estimate_target(target, overrides or [], device=device, stage_kind=stage, probe=probe, processes=processes)
+    print(json.dumps([e.as_dict() for e in found], indent=2, default=str) if as_json else render(found))
+
+
 @app.command("schema")
 def schema_cmd(stage: str = typer.Argument(..., help="Stage type, e.g. pretrain.")) -> None:
     """Print every config key of a stage with its type, default and description."""

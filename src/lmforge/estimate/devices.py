@@ -1,0 +1,150 @@
+"""Devices an estimate can be made for: the present one (measured) and named ones (public specs).
+
+A device is what the time and memory model needs: memory, dense matmul FLOP/s in fp32 and bf16,
+memory bandwidth (decoding reads every weight once per token), and two fixed costs the FLOP
+count misses — the runtime's resident memory (CUDA context, or the Python process with torch
+and transformers imported) and a per-layer launch/dispatch overhead per forward or backward.
+
+Specs are the vendors' dense (not sparse) tensor-core figures; "fp32" on the GPUs is plain FP32
+(lmforge trains with fp32 master weights under bf16 autocast there, so the bf16 figure applies).
+lmforge runs on Apple silicon's CPU cores (accelerate is set up with cpu=True when CUDA is
+absent), so the M-series entries give the CPU's matmul rate (Accelerate/AMX) and unified memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+from lmforge.errors import LmforgeError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    kind: str  # "cuda" or "cpu"
+    memory_bytes: float
+    fp32_flops: float
+    bf16_flops: float
+    bandwidth: float  # bytes/s
+    runtime_bytes: float  # resident before any tensor: CUDA context / the Python process
+    layer_overhead_s: float  # launch/dispatch cost per layer per forward (a backward costs two)
+    description: str = ""
+    measured: bool = False
+
+    def flops(self, precision: str) -> float:
+        return self.bf16_flops if precision == "bf16" else self.fp32_flops
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _gpu(name, mem_gb, fp32_tf, bf16_tf, bw_tbs, desc) -> Device:
+    return Device(name, "cuda", mem_gb * GB, fp32_tf * 1e12, bf16_tf * 1e12, bw_tbs * 1e12, 0.6 * GB, 40e-6, desc)
+
+
+TABLE: dict[str, Device] = {d.name: d for d in (
+    _gpu("h200", 141, 67, 989, 4.8, "NVIDIA H200 SXM, 141 GB HBM3e"),
+    _gpu("h100-80gb", 80, 67, 989, 3.35, "NVIDIA H100 SXM, 80 GB HBM3"),
+    _gpu("a100-80gb", 80, 19.5, 312, 2.04, "NVIDIA A100 SXM, 80 GB HBM2e"),
+    _gpu("a100-40gb", 40, 19.5, 312, 1.56, "NVIDIA A100, 40 GB HBM2"),
+    _gpu("l4", 24, 30.3, 121, 0.3, "NVIDIA L4, 24 GB GDDR6"),
+    _gpu("rtx-4090", 24, 82.6, 165, 1.01, "NVIDIA GeForce RTX 4090, 24 GB GDDR6X"),
+    Device("apple-m3-max", "cpu", 128 * GB * 0.75, 2.0e12, 2.0e12, 0.4e12, 0.5 * GB, 60e-6,
+           "Apple M3 Max, 128 GB unified memory (about 3/4 usable by one process), CPU cores via Accelerate"),
+    Device("apple-m2", "cpu", 24 * GB * 0.75, 0.8e12, 0.8e12, 0.1e12, 0.5 * GB, 80e-6,
+           "Apple M2, 24 GB unified memory (about 3/4 usable by one process), CPU cores via Accelerate"),
+    Device("cpu-2core", "cpu", 16 * GB, 100e9, 25e9, 20e9, 0.5 * GB, 150e-6,
+           "a 2-core x86 CPU with AVX2 (no AMX), 16 GB"),
+)}
+
+
+def lookup(name: str | None) -> Device:
+    """A named device, or the present one (measured) for None / "present"."""
+    if name is None or name in ("present", "here", "this"):
+        return present()
+    key = name.strip().lower().replace("_", "-").replace(" ", "-")
+    aliases = {"h100": "h100-80gb", "a100": "a100-80gb", "4090": "rtx-4090", "cpu": "cpu-2core", "m3-max": "apple-m3-max"}
+    key = aliases.get(key, key)
+    if key not in TABLE:
+        raise LmforgeError(f"Unknown device {name!r}; known devices: present (this machine, measured), "
+                           f"{', '.join(TABLE)}.")
+    return TABLE[key]
+
+
+def _cpu_memory() -> float:
+    """Physical memory, or the cgroup's limit when it is lower (containers)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(p).read().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            total = min(total, int(raw))
+    return float(total)
+
+
+def current_rss() -> float:
+    """This process's resident memory now (bytes)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def present() -> Device:
+    """This machine, measured: a short matmul probe for FLOP/s (best of a few), a copy for bandwidth,
+    the memory from torch.cuda or the system (about half a second)."""
+    import torch
+
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        n = 4096
+        a32, b32 = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+        a16, b16 = a32.bfloat16(), b32.bfloat16()
+        x = torch.empty(256 * 2**20 // 4, device=dev)
+
+        def sync(f):
+            return lambda: (f(), torch.cuda.synchronize())
+
+        sync(lambda: a16 @ b16)()
+        f32 = 2 * n**3 / _best_time(sync(lambda: a32 @ b32), 5)
+        f16 = 2 * n**3 / _best_time(sync(lambda: a16 @ b16), 5)
+        bw = 2 * x.numel() * 4 / _best_time(sync(lambda: x.clone()), 5)
+        free, total = torch.cuda.mem_get_info()
+        del a32, b32, a16, b16, x
+        return Device(f"present ({torch.cuda.get_device_name()})", "cuda", float(total), f32, f16, bw,
+                      float(total - free) + 0.1 * GB, 40e-6, "this machine's GPU, measured", measured=True)
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    f32 = 2 * n**3 / _best_time(lambda: a @ b, 5)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    f16 = 2 * n**3 / _best_time(lambda: ab @ bb, 3)
+    x = torch.empty(32 * 2**20 // 4)
+    bw = 2 * x.numel() * 4 / _best_time(lambda: x.clone(), 5)
+    threads = torch.get_num_threads()
+    return Device(f"present (cpu, {threads} threads)", "cpu", _cpu_memory(), f32, f16, bw, current_rss(),
+                  TABLE["cpu-2core"].layer_overhead_s, "this machine's CPU, measured", measured=True)
+
+
+def with_runtime(dev: Device, runtime_bytes: float) -> Device:
+    return replace(dev, runtime_bytes=runtime_bytes)
