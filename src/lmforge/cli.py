@@ -202,6 +202,9 @@ def generate_cmd(
     """Complete every prompt of a file with a model; write prompts, completions, token counts and finish reasons as JSONL."""
     from lmforge.generation import generate_file, sampling_params
 
+    if out is not None and os.path.isdir(out):  # checked before the model loads and generates
+        raise LmforgeError(f"generate --out {out} is a folder; name the JSONL file to write, e.g. {os.path.join(out, 'completions.jsonl')}.")
+
     params = sampling_params(overrides or [], temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              n=n, seed=seed)
     s = generate_file(model, prompts, out, params, chat=chat, max_batch=batch_size, device=device, dtype=dtype)
@@ -349,6 +352,11 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        if e.filename is None:
+            raise  # not about a path the user chose: a bug, keep its traceback
+        print(f"error: {_describe_os_error(e)}", file=sys.stderr)
+        sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except SystemExit:
@@ -362,6 +370,20 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)
         raise
+
+
+def _describe_os_error(e: OSError) -> str:
+    """One sentence for a file-system refusal (a read-only folder, a full disk, a folder where a
+    file was named): what the user fixes is the path or its permissions, not lmforge. Every
+    write goes through a temporary file and a rename, so nothing half-written is left behind."""
+    path = e.filename2 if e.filename2 is not None else e.filename  # a rename: its destination
+    reason = (e.strerror or type(e).__name__).rstrip(".")
+    hint = {
+        "PermissionError": "check the folder's permissions or choose another output folder",
+        "IsADirectoryError": "name a file, not a folder",
+        "FileNotFoundError": "check the path",
+    }.get(type(e).__name__, "check the path and the free space there")
+    return f"{os.fsdecode(path)}: {reason.lower()}; {hint}."
 
 
 if __name__ == "__main__":

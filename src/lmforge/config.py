@@ -22,9 +22,10 @@ from lmforge.errors import LmforgeError
 
 
 class Schema(BaseModel):
-    """Base for every config: unknown keys are errors, assignments are validated."""
+    """Base for every config: unknown keys are errors, assignments are validated, and no float
+    may be nan or infinite (a bound like `le=1` does not catch nan: every comparison is false)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
 def _describe(err: dict, schema: type[BaseModel], prefix: str) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc)
-    full = f"{prefix}{key}" if key else prefix.rstrip(".") or "config"
+    full = f"{prefix}{key}" if key else prefix.rstrip(".")
     if err["type"] == "extra_forbidden":
         valid = _fields_at(schema, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
@@ -138,6 +139,8 @@ def _describe(err: dict, schema: type[BaseModel], prefix: str) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if not key:  # a whole-config check (a model validator): its message names its own fields
+        return f"{prefix.rstrip('.')}: {msg}." if prefix else f"{msg}."
     got = err.get("input")
     shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
     return f"Config key {full} is invalid{shown}: {msg}."

@@ -259,7 +259,7 @@ def score_file(model: str | Path, file: str | Path, out: str | Path | None = Non
     out = Path(out) if out is not None else Path(Path(file).name.split(".")[0] + ".scored.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = ReadStats()
-    bad = BadRows("error", stats)
+    bad = BadRows("error", stats, skip_option=None)  # `score` has no skip setting
     rows = scored = pairs = wins = 0
     total = 0.0
     tmp = out.with_name(f".{out.name}.tmp")
@@ -283,7 +283,7 @@ def score_file(model: str | Path, file: str | Path, out: str | Path | None = Non
                     f.write(json.dumps({**values, **got}, ensure_ascii=False, default=str) + "\n")
                 buf.clear()
 
-            for rec in iter_records(str(file), stats=stats):
+            for rec in iter_records(str(file), stats=stats, skip_option=None):
                 item = _row_items(rec, bad)
                 rows += 1
                 buf.append((rec.values, *item, rec.where))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.errors import LmforgeError
@@ -39,7 +40,14 @@ def iter_texts(data: str | Path, split: str, *, required: bool = True, batch_row
             raise LmforgeError(f"Parquet shard {shard} cannot be read ({e}); re-run the curate stage.") from None
         if "text" not in pf.schema_arrow.names:
             raise LmforgeError(f"Parquet shard {shard} has no `text` column; re-run the curate stage.")
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=["text"]):
-            for t in batch.column(0).to_pylist():
-                if t:
-                    yield t
+        kind = pf.schema_arrow.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise LmforgeError(f"Parquet shard {shard} column `text` holds {kind}, not text; write the documents as "
+                               "strings (the curate stage does).")
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=["text"]):
+                for t in batch.column(0).to_pylist():
+                    if t:
+                        yield t
+        except (pa.ArrowException, OSError) as e:
+            raise LmforgeError(f"Parquet shard {shard} cannot be read ({e}); re-run the curate stage.") from None

@@ -88,16 +88,20 @@ class ReadStats:
 
 
 class BadRows:
-    """Routes a bad row to an error or to a counted skip, per `on_bad_rows`."""
+    """Routes a bad row to an error or to a counted skip, per `on_bad_rows`.
 
-    def __init__(self, on_bad_rows: OnBadRows, stats: ReadStats):
+    `skip_option`: the name of the caller's setting that skips bad rows, which the error message
+    suggests; None where the caller has no such setting (the message then only says to fix it)."""
+
+    def __init__(self, on_bad_rows: OnBadRows, stats: ReadStats, skip_option: str | None = "on_bad_rows"):
         if on_bad_rows not in ("error", "skip"):
             raise LmforgeError(f"on_bad_rows must be 'error' or 'skip', not {on_bad_rows!r}.")
-        self.skip, self.stats = on_bad_rows == "skip", stats
+        self.skip, self.stats, self.skip_option = on_bad_rows == "skip", stats, skip_option
 
     def __call__(self, reason: str, message: str) -> None:
         if not self.skip:
-            raise LmforgeError(f"{message}; fix it, or set on_bad_rows: skip to skip and count such rows.")
+            hint = f", or set {self.skip_option}: skip to skip and count such rows" if self.skip_option else ""
+            raise LmforgeError(f"{message}; fix it{hint}.")
         self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + 1
         if len(self.stats.examples) < _EXAMPLES:
             self.stats.examples.append(message)
@@ -186,7 +190,8 @@ def _read_jsonl(p: Path, bad: BadRows) -> Iterator[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                bad("malformed JSON", f"{where} is not valid JSON ({e.msg} at column {e.colno})")
+                # e.msg may end in "at" already ("Unterminated string starting at")
+                bad("malformed JSON", f"{where} is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             if not isinstance(obj, dict):
                 bad("not a JSON object", f"{where} is a JSON {type(obj).__name__}, not an object")
@@ -316,14 +321,15 @@ def _read_datasets(p: Path, split: str | None, columns: list[str] | None) -> Ite
 
 def iter_records(patterns: list[str] | str, *, text_mode: TextMode = "file", dataset_split: str | None = None,
                  on_bad_rows: OnBadRows = "error", stats: ReadStats | None = None,
-                 columns: list[str] | None = None) -> Iterator[Record]:
+                 columns: list[str] | None = None, skip_option: str | None = "on_bad_rows") -> Iterator[Record]:
     """Yield every record of every input, lazily, in input order.
 
     `columns` is a hint: Parquet and `datasets` inputs that have all of them read only those.
     `stats` (if given) is filled as reading goes: files opened, records yielded, rows skipped.
+    `skip_option`: the caller's setting an error message suggests for skipping bad rows (BadRows).
     """
     stats = stats if stats is not None else ReadStats()
-    bad = BadRows(on_bad_rows, stats)
+    bad = BadRows(on_bad_rows, stats, skip_option)
     for p in resolve_inputs(patterns):
         stats.files.append(str(p))
         kind = _kind(p)
@@ -365,16 +371,17 @@ def text_of(rec: Record, text_field: str, bad) -> str | None:
 
 def iter_text_records(patterns: list[str] | str, *, text_field: str = "text", text_mode: TextMode = "file",
                       dataset_split: str | None = None, on_bad_rows: OnBadRows = "error",
-                      stats: ReadStats | None = None) -> Iterator[tuple[str, Record]]:
+                      stats: ReadStats | None = None, skip_option: str | None = "on_bad_rows",
+                      ) -> Iterator[tuple[str, Record]]:
     """Yield (text, record) for every record: the `text_field` of structured rows.
 
     A row without the field (or with a non-text value) is an error naming file, row and field,
     or with `on_bad_rows="skip"` a counted skip.
     """
     stats = stats if stats is not None else ReadStats()
-    bad = BadRows(on_bad_rows, stats)
+    bad = BadRows(on_bad_rows, stats, skip_option)
     for rec in iter_records(patterns, text_mode=text_mode, dataset_split=dataset_split,
-                            on_bad_rows=on_bad_rows, stats=stats, columns=[text_field]):
+                            on_bad_rows=on_bad_rows, stats=stats, columns=[text_field], skip_option=skip_option):
         text = text_of(rec, text_field, bad)
         if text is not None:
             yield text, rec
@@ -382,10 +389,11 @@ def iter_text_records(patterns: list[str] | str, *, text_field: str = "text", te
 
 def iter_texts(patterns: list[str] | str, *, text_field: str = "text", text_mode: TextMode = "file",
                dataset_split: str | None = None, on_bad_rows: OnBadRows = "error",
-               stats: ReadStats | None = None) -> Iterator[str]:
+               stats: ReadStats | None = None, skip_option: str | None = "on_bad_rows") -> Iterator[str]:
     """Yield the document text of every record (see `iter_text_records`)."""
     for text, _ in iter_text_records(patterns, text_field=text_field, text_mode=text_mode,
-                                     dataset_split=dataset_split, on_bad_rows=on_bad_rows, stats=stats):
+                                     dataset_split=dataset_split, on_bad_rows=on_bad_rows, stats=stats,
+                                     skip_option=skip_option):
         yield text
 
 

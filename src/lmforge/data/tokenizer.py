@@ -118,12 +118,25 @@ def _training_texts(cfg: Config) -> Iterator[str]:
     if cfg.corpus:
         from lmforge.data.formats import iter_texts as iter_file_texts
 
-        texts = iter_file_texts(cfg.corpus, text_field=cfg.text_field)
+        texts = iter_file_texts(cfg.corpus, text_field=cfg.text_field, skip_option=None)
     elif cfg.data:
         texts = iter_texts(cfg.data, "train")
     else:
         raise LmforgeError("The tokenizer stage needs `data` (a curated data folder) or `corpus` (files) to train on.")
     return itertools.islice(texts, cfg.max_train_docs) if cfg.max_train_docs else texts
+
+
+class _Counted:
+    """Passes texts through, counting documents and non-blank characters."""
+
+    def __init__(self, texts: Iterator[str]):
+        self.texts, self.docs, self.chars = texts, 0, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for t in self.texts:
+            self.docs += 1
+            self.chars += len(t.strip())
+            yield t
 
 
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
@@ -134,7 +147,12 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
             tok.save_pretrained(str(tmp))
             rd.log(f"reused tokenizer from {src}")
         else:
-            tok = train_tokenizer(_training_texts(cfg), cfg)
+            seen = _Counted(_training_texts(cfg))
+            tok = train_tokenizer(seen, cfg)
+            if seen.chars == 0:  # BPE would "train" on nothing and save a bytes-only tokenizer
+                source = ", ".join(cfg.corpus) if cfg.corpus else f"the train split of {cfg.data}"
+                raise LmforgeError(f"The tokenizer stage read no text from {source} ({seen.docs} documents, all "
+                                   "empty); check the inputs (and text_field).")
             tok.save_pretrained(str(tmp))
         summary: dict = {"vocab_size": len(tok)}
         if cfg.data:

@@ -201,7 +201,7 @@ def load_rows(task: Task, path: Path) -> tuple[list[dict], int]:
 
     rows: list[dict] = []
     total = 0
-    for rec in iter_records(str(path)):
+    for rec in iter_records(str(path), skip_option=None):  # eval has no skip setting: a bad row is fixed
         total += 1
         if task.max_rows is not None and len(rows) >= task.max_rows:
             continue  # counted in `total`, reported as rows not evaluated
@@ -323,7 +323,7 @@ def likelihood_texts(task: Task, path: Path) -> tuple[list[str], int]:
         except LmforgeError as e:
             raise LmforgeError(f"Task {task.name!r}: {e}") from None
     else:
-        texts = list(iter_rows(str(path), text_field=task.text_field))
+        texts = list(iter_rows(str(path), text_field=task.text_field, skip_option=None))
     total = len(texts)
     if task.max_rows is not None:
         texts = texts[:task.max_rows]

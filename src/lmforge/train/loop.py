@@ -196,7 +196,8 @@ def train(
     step, best, best_step, bad_evals = 0, math.inf, None, 0
     latest = ckpt.latest(rd.checkpoints) if resume else None
     if latest is not None:
-        state = ckpt.load(latest, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank, world=world)
+        state = ckpt.load(latest, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank, world=world,
+                          require=("best", "best_step", "bad_evals"))
         step, best, best_step, bad_evals = state["step"], state["best"], state["best_step"], state["bad_evals"]
         if main:
             rd.truncate_metrics(step)

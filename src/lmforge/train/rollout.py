@@ -350,6 +350,11 @@ def load_prompts(cfg: RLFields, tokenizer, context: int, *, stage: str) -> Promp
         raise LmforgeError(f"{stage} needs `prompts`: rows with a 'prompt' (text or turns) or 'messages'.")
     stats = ReadStats()
     got = read_prompts(cfg, stats)
+    if not got:
+        names = cfg.prompts if isinstance(cfg.prompts, str) else ", ".join(cfg.prompts)
+        skipped = f" ({stats.total_skipped} bad rows skipped)" if stats.total_skipped else ""
+        raise LmforgeError(f"{stage}: prompts {names} hold no prompt rows{skipped}; add rows with a 'prompt' or "
+                           "'messages'.")
     texts = [render(tokenizer, t, add_generation_prompt=True) for t, _, _ in got]
     ids = encode_prompts(tokenizer, texts, add_special_tokens=False)
     room = context - cfg.rollout.max_new_tokens
