@@ -170,3 +170,23 @@ def test_cli_index_builds_updates_and_measures_quality(tmp_path, docs_dir, tiny_
                   questions=None, chunk_tokens=64, overlap=16)
     assert (m["summary"]["added"], m["summary"]["unchanged"]) == (1, 3)
     assert json.loads((tmp_path / "ix" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_sentence_transformers_folder_embeds_as_sentence_transformers_does(tmp_path, docs_dir, tiny_model_dir):
+    import numpy as np
+    from sentence_transformers import SentenceTransformer, models
+
+    tr = models.Transformer(str(tiny_model_dir))
+    SentenceTransformer(modules=[tr, models.Pooling(tr.get_word_embedding_dimension())], device="cpu").save(
+        str(tmp_path / "st"))
+    emb = load_embedder(tmp_path / "st")
+    texts = ["The capital of Belor is Mosk.", "Corin lies by the sea."]
+    ref = SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(texts)
+    assert emb.kind == "sentence-transformers"
+    np.testing.assert_allclose(emb.embed(texts), ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
+    _build(tmp_path / "ix", sorted(docs_dir.iterdir()), tiny_model_dir, embedder=emb)
+    top = open_index(tmp_path / "ix").search("Mosk", 1, mode="dense")[0]  # the cosine of the two embeddings
+    assert top.score == pytest.approx(float(emb.embed(["Mosk"])[0] @ emb.embed([top.text])[0]), abs=1e-5)
+    # the same weights read as a causal LM are another embedding model: refused
+    with pytest.raises(LmforgeError, match="was built with the embedding model"):
+        open_index(tmp_path / "ix", embedding_model=tiny_model_dir)
