@@ -290,6 +290,19 @@ def index_cmd(
               chunk_tokens=chunk_tokens, overlap=overlap)
 
 
+@app.command("compare")
+def compare_cmd(
+    config: str = typer.Argument(..., help="The compare stage's YAML config: documents, questions, model, arms (see `lmforge schema compare`)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    out: Optional[str] = typer.Option(None, "--out", help="Stage folder to write (default: runs/<config name>/compare)."),
+    force: bool = typer.Option(False, "--force", help="Re-run even if the comparison already completed with these inputs."),
+) -> None:
+    """Zero-shot, few-shot, RAG, SFT, continued pre-training + SFT and SFT + RAG on the same questions: a decision table."""
+    from lmforge.pipeline import run_single
+
+    run_single("compare", config, overrides or [], out=out, force=force, resume=False)
+
+
 @app.command("report")
 def report_cmd(run_dir: str = typer.Argument(..., help="A run folder, e.g. runs/default.")) -> None:
     """Rebuild a run's report.md and report.html from its stage folders (no model is re-run)."""

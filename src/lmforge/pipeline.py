@@ -51,6 +51,7 @@ STAGES: dict[str, str] = {
     "feedback": "lmforge.stages.feedback",
     "eval": "lmforge.eval.stage",
     "index": "lmforge.retrieval.stage",
+    "compare": "lmforge.eval.compare",
     "report": "lmforge.report",
     "label": "lmforge.label.stage",
 }
