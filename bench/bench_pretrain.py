@@ -108,13 +108,13 @@ def run_reference(args) -> dict:
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from lmforge.config import ModelSpec
+    from lmforge.data.packing import load_tokens
     from lmforge.models import build_model  # the same HF config and seeded init as lmforge's side
 
     spec, seq_len, batch, _, _ = SIZES[args.size]
     tok = AutoTokenizer.from_pretrained(str(args.work / "tokenizer"))
     model = build_model(ModelSpec(**spec), tok, seed=SEED)
-    meta = json.loads((args.work / "tokens" / "train.json").read_text())
-    tokens = np.memmap(args.work / "tokens" / "train.bin", dtype=meta["dtype"], mode="r")
+    tokens = load_tokens(args.work / "tokens" / "train.bin")
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):

@@ -22,7 +22,6 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -187,12 +186,8 @@ def run_stage(st: PlannedStage, *, force: bool = False, resume: bool = True, ech
         why = "--force" if force else ("no --resume" if same_inputs else "inputs or config changed")
         if m:
             echo(f"[{st.name}] {why}: starting this stage afresh.")
-        for child in ("checkpoints", "metrics.jsonl", "log.txt", "tensorboard") if main else ():
-            p = st.rd.path / child
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+            if main:  # only a folder lmforge made (it has a manifest) is ever emptied
+                st.rd.fresh_start()
     if main:
         st.rd.write_config(st.cfg)
         st.rd.write_manifest(stage=st.kind, name=st.name, input_hash=h, status="running", output_id=None)

@@ -7,9 +7,16 @@
         log.txt          human-readable log lines
         checkpoints/     resumable training state (training stages)
         <artifact>/      the final artifact: data/, tokenizer/, model/, ...
+        tokens/train.bin + tokens/train.bin.cache.json, ...   keyed caches (`RunDir.cache`)
 
 Everything here is written to a temporary name and renamed into place, so a crash never
 leaves a half-written file where a complete one is expected.
+
+Derived files (token files, a merged starting model, reference log-probs, sampled data) are
+keyed caches, made through `RunDir.cache` only: each is named by the hash of exactly what it
+was derived from and validated against its recorded sizes and hashes before it is reused.
+A fresh start (`RunDir.fresh_start`) removes everything but config.yaml, manifest.json and
+the keyed caches, which then rebuild themselves if what they came from changed.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,8 @@ import yaml
 from lmforge.errors import LmforgeError
 
 MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+CACHE_RECORD = ".cache.json"  # suffix: tokens/train.bin -> tokens/train.bin.cache.json
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -141,6 +151,118 @@ def resolve_artifact(path: str | Path, what: str = "artifact") -> Path:
     return p
 
 
+# --------------------------------------------------------------------------------------------
+# Keyed caches: derived files named by the hash of what they came from
+
+
+@dataclass
+class Cached:
+    """A keyed cache entry: its path, whether it was reused (`hit`), and the `info` its build returned."""
+
+    path: Path
+    hit: bool
+    info: dict = field(default_factory=dict)
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """sha256 of the parts (JSON, sorted keys): the entry's key."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tree_files(path: Path) -> dict[str, dict]:
+    """{relative name: {size, sha256}} of a file ("" names the file itself) or of every file in a folder."""
+    files = [path] if path.is_file() else sorted(x for x in path.rglob("*") if x.is_file())
+    return {("" if f == path else str(f.relative_to(path))): {"size": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in files}
+
+
+def cache_record(path: str | Path) -> dict | None:
+    """The record written beside a cache entry (key, parts, files, info), or None."""
+    rec = Path(path).with_name(Path(path).name + CACHE_RECORD)
+    try:
+        return json.loads(rec.read_text()) if rec.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _cache_problem(path: Path, files: dict[str, dict]) -> str | None:
+    """Why a cache entry with the right key cannot be reused (truncated, altered, missing), or None."""
+    if not path.exists():
+        return "is missing"
+    actual = {k: v["size"] for k, v in _tree_files(path).items()}
+    for name, want in files.items():
+        where = path / name if name else path
+        if name not in actual:
+            return f"has lost {where}"
+        if actual[name] != want["size"]:
+            return f"{where} is {actual[name]} bytes, not the {want['size']} recorded (truncated or altered)"
+        if file_sha256(where) != want["sha256"]:
+            return f"{where} does not match its recorded sha256 (altered)"
+    extra = sorted(set(actual) - set(files))
+    return f"holds {path / extra[0]}, which it was not built with" if extra else None
+
+
+def keyed_cache(path: str | Path, parts: dict[str, Any], build: Callable[[Path], dict | None], *,
+                echo: Callable[[str], None] = print) -> Cached:
+    """Reuse the derived file or folder at `path` if it was built from the same `parts`, else build it.
+
+    parts   exactly what the entry is derived from, as JSON values: input files' fingerprints
+            (`fingerprint_path`), the tokenizer's or model's hash, and the config fields that shape
+            it (not those that do not: a changed learning rate must not rebuild a token file).
+    build   build(tmp) writes the entry (a file or a folder) at `tmp`, a path that does not exist
+            yet beside `path`; it may return a dict of JSON `info` (counts, dtype) kept in the record.
+
+    The key is `cache_key(parts)`. Beside the entry, `<name>.cache.json` records the key, the parts
+    (so a reader can say which one changed), `info`, and the size and sha256 of every file written.
+    Reuse needs the same key and every file matching its record: a truncated or altered entry is
+    rebuilt, saying so in one line. Building is atomic: the record is removed, the new entry renamed
+    into place, then the new record written, so a crash at any point leaves either a valid entry or
+    none. Under several processes, call it on one process first (e.g. `accelerator.main_process_first`).
+    """
+    path = Path(path)
+    key = cache_key(parts)
+    rec = cache_record(path)
+    if rec is not None and rec.get("key") == key:
+        problem = _cache_problem(path, rec.get("files") or {})
+        if problem is None:
+            return Cached(path, True, rec.get("info") or {})
+        echo(f"{path} {problem}; rebuilding it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    record = path.with_name(path.name + CACHE_RECORD)
+    try:
+        tmp = tmpdir / path.name
+        info = build(tmp) or {}
+        if not tmp.exists():
+            raise RuntimeError(f"cache build for {path} wrote nothing at {tmp}")
+        files = _tree_files(tmp)
+        record.unlink(missing_ok=True)  # from here until the new record exists, the entry is invalid
+        if tmp.is_dir():
+            if path.is_file():
+                path.unlink()
+            replace_dir(tmp, path)
+        else:
+            if path.is_dir():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        atomic_write_json(record, {"key": key, "parts": parts, "files": files, "info": info})
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return Cached(path, False, info)
+
+
+def _remove_except(folder: Path, keep: set[Path]) -> None:
+    for child in folder.iterdir():
+        if child in keep:
+            continue
+        if child.is_dir() and not child.is_symlink() and any(k.is_relative_to(child) for k in keep):
+            _remove_except(child, keep)
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 class RunDir:
     """One stage's folder: config, manifest, metrics and log, all written safely."""
 
@@ -164,7 +286,21 @@ class RunDir:
 
     def write_config(self, cfg: Any) -> None:
         data = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+        atomic_write_text(self.path / CONFIG, yaml.safe_dump(data, sort_keys=False))
+
+    def cache(self, name: str, parts: dict[str, Any], build: Callable[[Path], dict | None], *,
+              echo: Callable[[str], None] = print) -> Cached:
+        """The keyed cache entry `name` (e.g. "tokens/train.bin", "base") of this stage: see `keyed_cache`."""
+        return keyed_cache(self.path / name, parts, build, echo=echo)
+
+    def fresh_start(self) -> None:
+        """Remove everything but config.yaml, manifest.json and keyed cache entries (with their
+        records): checkpoints, metrics, logs and the old artifact belong to another configuration,
+        while a cache entry is checked against its key when it is next used."""
+        keep = {self.path / CONFIG, self.path / MANIFEST}
+        for rec in self.path.rglob("*" + CACHE_RECORD):
+            keep |= {rec, rec.with_name(rec.name[: -len(CACHE_RECORD)])}
+        _remove_except(self.path, keep)
 
     def log_metrics(self, record: dict) -> None:
         # Append-only JSON lines: a crash can at worst cut the last line, which readers skip.

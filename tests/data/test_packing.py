@@ -99,3 +99,61 @@ def test_long_documents_are_tokenised_in_exact_pieces(tmp_path, monkeypatch, spl
     tokens = load_tokens(token_file(tmp_path / "data", "train", tok, tmp_path / "tokens"))
     expected = [t for d in docs for t in (*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
     assert tokens.tolist() == expected
+
+
+# --------------------------------------------------------------------------------------------
+# The token file is a keyed cache: rebuilt when what it came from changes, validated on reuse
+
+
+def _corpus(root, docs):
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": docs}), root / "train-00000.parquet")
+    return root
+
+
+def _expected(tok, docs):
+    return [t for d in docs for t in (*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+
+
+def test_token_file_is_rebuilt_for_a_new_tokenizer_and_reused_otherwise(tmp_path):
+    data = _corpus(tmp_path / "data", DOCS)
+    old = train_tokenizer(iter(DOCS), Config(vocab_size=300))
+    new = train_tokenizer(iter(DOCS), Config(vocab_size=280))  # fewer merges: other ids
+    path = token_file(data, "train", old, tmp_path / "tokens")
+    stamp = path.stat().st_mtime_ns, path.stat().st_ino
+    assert token_file(data, "train", old, tmp_path / "tokens") == path
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp  # unchanged: reused, not rewritten
+    token_file(data, "train", new, tmp_path / "tokens")
+    assert load_tokens(path).tolist() == _expected(new, DOCS) != _expected(old, DOCS)
+
+
+def test_token_file_is_rebuilt_when_the_corpus_changes(tmp_path):
+    tok = train_tokenizer(iter(DOCS), Config(vocab_size=300))
+    data = _corpus(tmp_path / "data", DOCS)
+    path = token_file(data, "train", tok, tmp_path / "tokens")
+    _corpus(data, DOCS[:10])
+    assert load_tokens(token_file(data, "train", tok, tmp_path / "tokens")).tolist() == _expected(tok, DOCS[:10])
+    assert path.with_name("train.bin.cache.json").is_file()
+
+
+def test_a_truncated_token_file_is_rebuilt_never_read(tmp_path):
+    tok = train_tokenizer(iter(DOCS), Config(vocab_size=300))
+    data = _corpus(tmp_path / "data", DOCS)
+    path = token_file(data, "train", tok, tmp_path / "tokens")
+    full = path.read_bytes()
+    path.write_bytes(full[: len(full) // 3])  # a crash or a full disk cut it
+    said: list[str] = []
+    token_file(data, "train", tok, tmp_path / "tokens", echo=said.append)
+    assert path.read_bytes() == full
+    assert len(said) == 1 and "truncated" in said[0] and str(path) in said[0]
+    flipped = bytearray(full)
+    flipped[10] ^= 1  # same size, other content
+    path.write_bytes(bytes(flipped))
+    token_file(data, "train", tok, tmp_path / "tokens", echo=said.append)
+    assert path.read_bytes() == full and "sha256" in said[1]
+
+
+def test_a_token_file_without_its_record_is_refused(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(LmforgeError, match="no cache record"):
+        load_tokens(tmp_path / "train.bin")

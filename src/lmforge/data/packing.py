@@ -8,13 +8,20 @@ Consecutive blocks share one token (the last target of block i is the first inpu
 i+1), so every token of the corpus but the final partial block is predicted exactly once
 per epoch. The order in which blocks are visited is a pure function of (seed, position), so
 a resumed run needs only its step count to continue on exactly the same data.
+
+The token file is a keyed cache (`RunDir.cache`): keyed by the corpus's fingerprint, the split
+and the tokenizer's hash, so a new tokenizer or new data rebuilds it, and checked against its
+recorded size and sha256 before reuse, so a truncated file is rebuilt, never trained on. The
+block length is not part of the key: blocks are cut from the same token stream when read.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -23,7 +30,7 @@ import torch
 
 from lmforge.data.corpus import iter_texts
 from lmforge.errors import LmforgeError
-from lmforge.rundir import atomic_write_json
+from lmforge.rundir import cache_record, fingerprint_path, keyed_cache
 
 # A fast tokenizer keeps ~350 bytes of bookkeeping per input character while it encodes (a
 # 1 MB document costs ~390 MiB of RSS), so long documents are encoded in pieces (see `_pieces`)
@@ -83,18 +90,31 @@ def _pieces(text: str, size: int) -> list[str]:
     return pieces
 
 
-def token_file(data: str | Path, split: str, tokenizer, out_dir: Path, *, batch_docs: int = 512) -> Path:
-    """Tokenise `split` of a curated corpus into `out_dir/<split>.bin` (once; reused if present)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path, meta_path = out_dir / f"{split}.bin", out_dir / f"{split}.json"
-    if path.is_file() and meta_path.is_file():
-        return path
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides a text's token ids: the tokenizer's full definition
+    (vocabulary, merges, pre-tokenizer, added tokens), its size and its EOS id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{type(tokenizer).__name__}\0{len(tokenizer)}\0{tokenizer.eos_token_id}\0{spec}".encode()).hexdigest()
+
+
+def token_file(data: str | Path, split: str, tokenizer, out_dir: Path, *, batch_docs: int = 512,
+               echo=print) -> Path:
+    """`split` of a curated corpus tokenised into `out_dir/<split>.bin`: a keyed cache, rebuilt when
+    the corpus or the tokenizer changes or the file no longer matches its record."""
+    parts = {"kind": "tokens-v1", "data": fingerprint_path(data), "split": split,
+             "tokenizer": tokenizer_fingerprint(tokenizer)}
+    return keyed_cache(Path(out_dir) / f"{split}.bin", parts,
+                       lambda tmp: _write_tokens(data, split, tokenizer, tmp, batch_docs), echo=echo).path
+
+
+def _write_tokens(data: str | Path, split: str, tokenizer, path: Path, batch_docs: int) -> dict:
+    """Tokenise `split` into the file `path`; returns the counts and dtype kept in the cache record."""
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     eos = tokenizer.eos_token_id
     piece_chars = PIECE_CHARS if cuts_exactly(tokenizer) else None
-    tmp = path.with_suffix(".bin.tmp")
     n_docs = n_tokens = n_bytes = buf_chars = 0
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         buf: list[str] = []
         ends: list[bool] = []  # buf[i] is the last piece of its document: EOS follows it
 
@@ -119,13 +139,17 @@ def token_file(data: str | Path, split: str, tokenizer, out_dir: Path, *, batch_
                 if len(buf) >= batch_docs or buf_chars >= BATCH_CHARS:
                     flush()
         flush()
-    tmp.replace(path)
-    atomic_write_json(meta_path, {"docs": n_docs, "tokens": n_tokens, "bytes": n_bytes, "dtype": np.dtype(dtype).name})
-    return path
+        f.flush()
+        os.fsync(f.fileno())
+    return {"docs": n_docs, "tokens": n_tokens, "bytes": n_bytes, "dtype": np.dtype(dtype).name}
 
 
 def load_tokens(path: Path) -> np.ndarray:
-    meta = json.loads(path.with_suffix(".json").read_text())
+    """The token file written by `token_file`, memory-mapped with the dtype its record names."""
+    rec = cache_record(path)
+    if rec is None or not isinstance(rec.get("info"), dict) or "dtype" not in rec["info"]:
+        raise LmforgeError(f"Token file {path} has no cache record beside it; delete it and re-run the stage.")
+    meta = rec["info"]
     if meta["tokens"] == 0:
         return np.zeros(0, dtype=meta["dtype"])
     return np.memmap(path, dtype=meta["dtype"], mode="r")
