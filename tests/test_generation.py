@@ -120,7 +120,9 @@ def test_presence_and_frequency_penalties():
 
 def test_temperature_scales_and_zero_means_unchanged():
     logits = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
-    assert apply_temperature(logits, torch.tensor([0.5, 0.0])).tolist() == [[2.0, 4.0], [1.0, 2.0]]
+    # (logits - row max) / t: the softmax of logits / t, without overflow.
+    assert apply_temperature(logits, torch.tensor([0.5, 0.0])).tolist() == [[-2.0, 0.0], [1.0, 2.0]]
+    assert apply_temperature(logits, 0.5).tolist() == [[-2.0, 0.0], [-2.0, 0.0]]
 
 
 def test_sampling_inverts_the_cdf_and_never_picks_removed_tokens():

@@ -89,13 +89,13 @@ def in_process_server(model, tokenizer, **settings):
     """The app on a uvicorn thread (for settings a test needs to vary, and slow models)."""
     import uvicorn
 
-    from lmforge.serve import ServeConfig, create_app
+    from lmforge.serve import ServeConfig, create_app, uvicorn_config
 
     cfg = ServeConfig(model="tiny", served_name="tiny", **settings)
     app = create_app(cfg, model, tokenizer)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, cfg))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"

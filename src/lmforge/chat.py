@@ -17,12 +17,11 @@ import sys
 from typing import Any, Callable, TextIO
 
 from lmforge.config import parse_override, validate
-from lmforge.data.chat import render
+from lmforge.data.chat import encode
 from lmforge.errors import LmforgeError
 from lmforge.generation import (
     SamplingParams,
     context_length,
-    encode_prompts,
     load_model_for_inference,
     stream,
 )
@@ -68,8 +67,7 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         for start in range(0, len(self.history) + 1, 2):
             msgs = head + self.history[start:] + [{"role": "user", "content": user}]
-            ids = encode_prompts(self.tokenizer, [render(self.tokenizer, msgs, add_generation_prompt=True)],
-                                 add_special_tokens=False)[0]
+            ids = encode(self.tokenizer, msgs, add_generation_prompt=True)
             if self.context is None or len(ids) + self.params.max_new_tokens <= self.context:
                 return ids, start
         raise LmforgeError(
@@ -88,6 +86,8 @@ class ChatSession:
             for chunk in stream(self.model, self.tokenizer, ids, self.params):
                 write(chunk.text)
                 answer += chunk.text
+                if chunk.finish_reason == "error":
+                    write(" [generation failed]")
         except KeyboardInterrupt:
             write(" [stopped]")
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]

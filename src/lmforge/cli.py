@@ -242,7 +242,8 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes the server to the network)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients pass as `model` (default: the folder name)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require this bearer key (default: $LMFORGE_API_KEY, if set)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require this bearer key (visible in `ps`: prefer --api-key-file or $LMFORGE_API_KEY)."),
+    api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="Require the bearer key held in this file."),
     max_concurrent: int = typer.Option(16, "--max-concurrent", help="Requests generated at once."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds before an unfinished request is cancelled."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
@@ -253,7 +254,7 @@ def serve_cmd(
     from lmforge.serve import ServeConfig, serve
 
     data = {"model": model, "host": host, "port": port, "served_name": name, "api_key": api_key,
-            "max_concurrent": max_concurrent, "request_timeout_s": timeout, "device": device, "dtype": dtype}
+            "api_key_file": api_key_file, "max_concurrent": max_concurrent, "request_timeout_s": timeout, "device": device, "dtype": dtype}
     serve(validate(ServeConfig, apply_overrides(data, overrides or []), where="serve options"))
 
 

@@ -14,6 +14,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generation.cache import is_buffered, new_cache
 from lmforge.generation.fast_decode import FastDecode
 from lmforge.generation.logits import (
+    MIN_TEMPERATURE,
     apply_presence_frequency_penalty,
     apply_repetition_penalty,
     apply_temperature,
@@ -35,9 +36,10 @@ class Completion:
     sample_index: int
     text: str
     token_ids: list[int]  # everything sampled, including a final EOS/stop token
-    finish_reason: str  # "stop" (EOS, stop token or stop string), "length", or "cancelled"
+    finish_reason: str  # "stop" (EOS, stop token or stop string), "length", "cancelled" or "error"
     prompt_tokens: int
     logprobs: list[float] | None = None  # one per token id, when SamplingParams.logprobs
+    error: str | None = None  # why it failed, with finish_reason "error"
 
     @property
     def completion_tokens(self) -> int:
@@ -60,6 +62,7 @@ class Row:
     text: str = ""
     sent: int = 0  # characters of `text` already handed out by take_text()
     finish_reason: str | None = None
+    error: str | None = None  # why the row failed (finish_reason "error")
     _prefix: int = 0
     _read: int = 0
 
@@ -81,6 +84,7 @@ class Row:
             prompt_index=self.tag if prompt_index is None else prompt_index, sample_index=self.sample_index,
             text=self.text, token_ids=list(self.token_ids), finish_reason=self.finish_reason or "cancelled",
             prompt_tokens=len(self.prompt_ids), logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            error=self.error,
         )
 
 
@@ -100,9 +104,9 @@ class _RowParams:
             return torch.tensor(values, dtype=dtype, device=device)
 
         temps = [p.temperature for p in ps]
-        self.all_greedy = all(t == 0 for t in temps)
-        self.any_greedy = any(t == 0 for t in temps)
-        self.greedy = torch.tensor([t == 0 for t in temps], device=device) if self.any_greedy else None
+        self.all_greedy = all(t < MIN_TEMPERATURE for t in temps)
+        self.any_greedy = any(t < MIN_TEMPERATURE for t in temps)
+        self.greedy = torch.tensor([t < MIN_TEMPERATURE for t in temps], device=device) if self.any_greedy else None
         self.temperature = col(temps, torch.float32)
         self.top_k = col([p.top_k for p in ps], torch.long) if any(p.top_k > 0 for p in ps) else None
         self.top_p = col([p.top_p for p in ps], torch.float32) if any(p.top_p < 1 for p in ps) else None
@@ -203,6 +207,7 @@ class Engine:
         self._cache_kw = cache_kwarg(model)
         self.fast = FastDecode.for_model(model) if fast_decode else None
         self.pending: deque[list[Row]] = deque()  # groups of n rows sharing a prompt
+        self.rows_failed = 0  # rows ended by an error (finish_reason "error")
         self._clear()
 
     # ---- state -------------------------------------------------------------------------------
@@ -429,9 +434,36 @@ class Engine:
 
     def _sample_and_append(self, logits: torch.Tensor, rows: list[Row], rp: _RowParams,
                            batch_rows: range) -> list[Row]:
-        """Pick the next token of `rows` (batch rows `batch_rows`) from their (B, V) logits."""
-        logits = logits.float()
+        """Pick the next token of `rows` (batch rows `batch_rows`) from their (B, V) logits.
+
+        A failure while sampling or decoding one row fails that row only (finish_reason
+        "error"): the batch is shared by unrelated requests, and one request's values must
+        not end the others'.
+        """
         sl = slice(batch_rows.start, batch_rows.stop)
+        try:
+            tokens, lps, bad = self._pick(logits, rows, rp, sl)
+        except Exception:  # retry row by row to find the culprit (rare: costs one pass per row)
+            tokens, lps, bad = self._pick_each(logits, rows, batch_rows)
+        self.next_tokens[sl] = tokens.unsqueeze(1)
+        if self.seen is not None:
+            self.seen[sl].scatter_(1, tokens.unsqueeze(1), True)
+        if self.counts is not None:
+            self.counts[sl].scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
+        for i, (r, t) in enumerate(zip(rows, tokens.tolist())):  # .tolist(): one host-device sync per step
+            if bad[i] is not None:
+                self.fail(r, bad[i])
+                continue
+            try:
+                self._append(r, t, lps[i] if lps is not None else None)
+            except Exception as e:  # e.g. the tokenizer cannot decode what this row sampled
+                self.fail(r, f"{type(e).__name__}: {e}")
+        return list(rows)
+
+    def _pick(self, logits: torch.Tensor, rows: list[Row], rp: _RowParams,
+              sl: slice) -> tuple[torch.Tensor, list[float] | None, list[str | None]]:
+        """(tokens (B,), their log-probs or None, per row None or why it has no valid distribution)."""
+        logits = logits.float()
         if rp.repetition is not None and self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen[sl], rp.repetition)
         if rp.any_count_penalty and self.counts is not None:
@@ -461,14 +493,42 @@ class Engine:
         lps = None
         if rp.any_logprobs:
             lps = final.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-        self.next_tokens[sl] = tokens.unsqueeze(1)
-        if self.seen is not None:
-            self.seen[sl].scatter_(1, tokens.unsqueeze(1), True)
-        if self.counts is not None:
-            self.counts[sl].scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
-        for i, (r, t) in enumerate(zip(rows, tokens.tolist())):  # .tolist(): one host-device sync per step
-            self._append(r, t, lps[i] if lps is not None else None)
-        return list(rows)
+        invalid = (final.isnan().any(-1) | final.isneginf().all(-1)).tolist()
+        bad = ["the sampling distribution is not finite (NaN or no token left)" if v else None for v in invalid]
+        return tokens, lps, bad
+
+    def _pick_each(self, logits: torch.Tensor, rows: list[Row],
+                   batch_rows: range) -> tuple[torch.Tensor, list[float] | None, list[str | None]]:
+        """`_pick` one row at a time; a row that fails gets the pad token and its error."""
+        tokens, lps, bad = [], [], []
+        for i, r in enumerate(rows):
+            at = batch_rows.start + i
+            try:
+                t, lp, b = self._pick(logits[i:i + 1], [r], _RowParams([r], self.device), slice(at, at + 1))
+                tokens.append(t)
+                lps.append(lp[0] if lp is not None else None)
+                bad.append(b[0])
+            except Exception as e:
+                tokens.append(torch.tensor([self.pad_id], device=self.device))
+                lps.append(None)
+                bad.append(f"{type(e).__name__}: {e}")
+        return torch.cat(tokens), lps, bad
+
+    def fail(self, row: Row, why: str) -> None:
+        """End `row` with finish_reason "error" and the reason in `row.error`."""
+        if not row.finished:
+            row.finish_reason, row.error = "error", why
+            self.rows_failed += 1
+
+    def abort_all(self, why: str) -> list[Row]:
+        """Fail every running and waiting row (e.g. the forward pass itself failed) and empty the
+        engine, which stays usable; returns the rows that were failed."""
+        rows = [*self.rows, *(r for g in self.pending for r in g)]
+        for r in rows:
+            self.fail(r, why)
+        self.pending.clear()
+        self._clear()
+        return rows
 
     def _append(self, r: Row, token: int, logprob: float | None) -> None:
         p = r.params

@@ -74,7 +74,7 @@ def generate_file(model_path: str | Path, prompts_path: str | Path, out_path: st
     import sys
     import time
 
-    from lmforge.data.chat import render
+    from lmforge.data.chat import encode as encode_chat
     from lmforge.progress import Progress
     from lmforge.rundir import atomic_write_text
 
@@ -86,8 +86,7 @@ def generate_file(model_path: str | Path, prompts_path: str | Path, out_path: st
     for i, rec in enumerate(records):
         where = f"line {rec['line']} of {prompts_path}"
         if rec["messages"] is not None:
-            ids = encode_prompts(tokenizer, [render(tokenizer, rec["messages"], add_generation_prompt=True)],
-                                 add_special_tokens=False)[0]
+            ids = encode_chat(tokenizer, rec["messages"], add_generation_prompt=True)
         else:
             ids = encode_prompts(tokenizer, [rec["prompt"]])[0]
         rows += engine.add(ids, params, tag=i, seed_stream=i * params.n, where=where)

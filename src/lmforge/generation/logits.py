@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import torch
 
+# The smallest temperature that is not greedy: below float32's smallest normal number a
+# temperature is 0 or subnormal once it is a tensor, and dividing by it gives inf or NaN.
+# Mathematically such a temperature already puts all the mass on the most likely token.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
 
 def _per_row(value: float | int | torch.Tensor, logits: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`value` as a (B, 1) tensor on the logits' device."""
@@ -22,9 +27,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     Equals, for every row b and token v with seen[b, v]:
         logits[b, v] = logits[b, v] / penalty if logits[b, v] > 0 else logits[b, v] * penalty
     `seen` is a (B, V) bool mask of tokens in the prompt or the completion so far.
+    A tiny penalty (any value > 0 is accepted) can overflow a positive logit to +inf, which would
+    make the softmax NaN; such logits are capped at float32's largest finite value instead.
     """
     pen = _per_row(penalty, logits)
-    penalised = torch.where(logits > 0, logits / pen, logits * pen)
+    penalised = torch.where(logits > 0, logits / pen, logits * pen).clamp(max=torch.finfo(torch.float32).max)
     return torch.where(seen, penalised, logits)
 
 
@@ -40,11 +47,17 @@ def apply_presence_frequency_penalty(
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """logits / temperature; rows with temperature 0 (greedy) are returned unchanged."""
+    """(logits - row max) / temperature, which has the same softmax as logits / temperature but
+    never overflows: a tiny temperature gives -inf or large negative numbers, not inf - inf = NaN.
+    Rows with temperature below MIN_TEMPERATURE (greedy) are returned unchanged."""
     if not isinstance(temperature, torch.Tensor):
-        return logits / temperature if temperature > 0 else logits
+        if temperature < MIN_TEMPERATURE or temperature == 1:
+            return logits
+        return (logits - logits.amax(-1, keepdim=True)) / temperature
     t = _per_row(temperature, logits)
-    return logits / torch.where(t > 0, t, torch.ones_like(t))
+    greedy = t < MIN_TEMPERATURE
+    scaled = (logits - logits.amax(-1, keepdim=True)) / torch.where(greedy, torch.ones_like(t), t)
+    return torch.where(greedy, logits, scaled)
 
 
 def top_k_filter(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:

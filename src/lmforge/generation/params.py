@@ -21,7 +21,8 @@ class SamplingParams(Schema):
 
     temperature: float = Field(
         0.7, ge=0.0, le=100.0, allow_inf_nan=False,
-        description="Softmax temperature; 0 means greedy decoding (always the most likely token).",
+        description="Softmax temperature; 0 means greedy decoding (always the most likely token), as does any "
+        "value below 1.2e-38 (float32's smallest normal number).",
     )
     top_p: float = Field(
         0.9, gt=0.0, le=1.0, allow_inf_nan=False,
