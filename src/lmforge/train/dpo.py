@@ -49,9 +49,6 @@ real models, ~1e-4 for LoRA); the shared default (1e-3) overshoots within a few 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +83,7 @@ from lmforge.data.sft import IGNORE
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models import context_length, disable_dropout, save_model
-from lmforge.rundir import RunDir, atomic_write_json, fingerprint_path, resolve_artifact, staged_dir
+from lmforge.rundir import RunDir, fingerprint_path, resolve_artifact, staged_dir
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -270,17 +267,16 @@ def batch_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
 # Reference log-probs: one pass, cached
 
 
-def reference_key(cfg: Config, data: PreferenceSet, precision: str, model_src: Path) -> str:
-    """What the cached reference log-probs depend on: the starting weights (a cheap fingerprint of
-    the safetensors, as adapters use), the adapter method (QLoRA quantises the base), the precision,
-    the layout (packing changes float rounding) and every token of the data."""
+def reference_parts(cfg: Config, data: PreferenceSet, precision: str, model_src: Path) -> dict:
+    """What the cached reference log-probs depend on (the key of `RunDir.cache`): the starting
+    weights (a cheap fingerprint of the safetensors, as adapters use), the adapter method (QLoRA
+    quantises the base), the precision, the layout (packing changes float rounding) and every
+    token of the data."""
     h = hashlib.sha256()
-    weights = base_fingerprint(model_src) or fingerprint_path(model_src)
-    for part in (weights, cfg.adapter.method, precision, cfg.layout):
-        h.update(str(part).encode() + b"\0")
     for arr in (data.ids, data.offsets, data.prompt_len):
         h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
+    return {"kind": "reference-logps-v1", "weights": base_fingerprint(model_src) or fingerprint_path(model_src),
+            "adapter": cfg.adapter.method, "precision": str(precision), "layout": cfg.layout, "data": h.hexdigest()}
 
 
 def compute_reference(net: ResponseLogProbs, data: PreferenceSet, *, layout: str, pad_id: int, batch_seqs: int,
@@ -300,25 +296,6 @@ def compute_reference(net: ResponseLogProbs, data: PreferenceSet, *, layout: str
             out[seqs] = lp.float().cpu().numpy()
     net.train(was_training)
     return out
-
-
-def cached_reference(path: Path, key: str, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
-    """(reference log-probs, whether they came from the cache); the cache is written atomically."""
-    meta = path.with_suffix(".json")
-    if path.is_file() and meta.is_file():
-        try:
-            if json.loads(meta.read_text()).get("key") == key:
-                return np.load(path), True
-        except (OSError, ValueError):
-            pass
-    ref = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, ref)
-    os.replace(tmp, path)
-    atomic_write_json(meta, {"key": key, "sequences": len(ref)})
-    return ref, False
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,15 +403,18 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         for name, batches in (("train", data), ("validation", val)):
             if batches is None:
                 continue
-            key = reference_key(cfg, batches.data, precision, src)
+            parts = reference_parts(cfg, batches.data, precision, src)
 
-            def compute(b=batches):
-                return compute_reference(net, b.data, layout=cfg.layout, pad_id=pad_id,
-                                         batch_seqs=2 * cfg.train.batch_size, device=acc.device, autocast=acc.autocast)
+            def build(tmp: Path, b=batches) -> None:
+                ref = compute_reference(net, b.data, layout=cfg.layout, pad_id=pad_id,
+                                        batch_seqs=2 * cfg.train.batch_size, device=acc.device, autocast=acc.autocast)
+                with open(tmp, "wb") as f:
+                    np.save(f, ref)
 
             with acc.main_process_first():  # rank 0 computes and caches; the others read its file
-                batches.ref, hit = cached_reference(rd.path / "reference" / f"{name}.npy", key, compute)
-            ref_cached.append(hit)
+                entry = rd.cache(f"reference/{name}.npy", parts, build)
+            batches.ref = np.load(entry.path)
+            ref_cached.append(entry.hit)
     ref_seconds = time.time() - t_ref
 
     def loss_fn(engine, batch: dict) -> LossOut:
