@@ -116,3 +116,66 @@ def test_duplicate_stage_names_rejected(tmp_path, fake_stages):
     r = write_recipe(tmp_path, [{"stage": "first"}, {"stage": "first"}])
     with pytest.raises(LmforgeError, match="two stages are named 'first'"):
         pipeline.run_recipe(r, echo=lambda *_: None)
+
+
+# --------------------------------------------------------------------------------------------
+# `lmforge plan`: what a run would do, and why, without running or writing anything
+
+
+def _plan(r, *overrides, force=False):
+    from lmforge.dryrun import outlook
+
+    _, planned = pipeline.prepare(r, list(overrides))
+    return {o.stage.name: (o.action, o.why, o.inputs) for o in outlook(planned, force=force)}
+
+
+def test_plan_names_inputs_and_what_a_run_would_do(tmp_path, fake_stages):
+    r = write_recipe(tmp_path, [{"stage": "first"}, {"stage": "second"}])
+    p = _plan(r)
+    assert {k: v[0] for k, v in p.items()} == {"first": "start", "second": "start"}
+    run = tmp_path / "runs" / "t"
+    assert p["second"][2] == [("source", str(run / "first"), "stage first (newest earlier stage providing 'a')")]
+    assert not (tmp_path / "runs").exists() and CALLS == []  # nothing run, nothing written
+
+    pipeline.run_recipe(r, echo=lambda *_: None)
+    assert {k: v[0] for k, v in _plan(r).items()} == {"first": "skip", "second": "skip"}
+    assert {k: v[0] for k, v in _plan(r, force=True).items()} == {"first": "afresh", "second": "afresh"}
+
+    p = _plan(r, "second.value=5")  # only second's config changed
+    assert p["first"][0] == "skip" and p["second"][:2] == ("afresh", "config changed (value)")
+
+    p = _plan(r, "first.value=3")  # first re-runs, so second gets a new input
+    assert p["first"][:2] == ("afresh", "config changed (value)")
+    assert p["second"][:2] == ("afresh", "its input comes from stage first, which runs first")
+
+    m = read_manifest(run / "first")
+    m["status"] = "running"  # as if killed mid-stage
+    (run / "first" / "manifest.json").write_text(__import__("json").dumps(m))
+    assert _plan(r)["first"][0] == "resume"
+    assert len(CALLS) == 2
+
+
+def test_plan_names_the_input_file_whose_content_changed(tmp_path, fake_stages):
+    src = tmp_path / "ext" / "art"
+    src.mkdir(parents=True)
+    (src / "out.txt").write_text("ext;")
+    r = write_recipe(tmp_path, [{"stage": "second", "source": str(src)}])
+    pipeline.run_recipe(r, echo=lambda *_: None)
+    assert _plan(r)["second"][2] == [("source", str(src), "file")]
+    (src / "out.txt").write_text("changed;")
+    assert _plan(r)["second"][:2] == ("afresh", f"input source changed ({src} has another fingerprint)")
+
+
+def test_plan_command_on_the_quick_recipe_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "plan", "recipes/quick.yaml", "--out-dir", str(tmp_path / "runs"),
+                        "tokenizer.vocab_size=512"], capture_output=True, text=True, timeout=300,
+                       cwd=pipeline.builtin_recipe("quick").parents[1])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert sum("would START - no earlier run in this folder" in x for x in lines) == 9
+    assert f"    in   tokenizer = {tmp_path / 'runs' / 'quick' / 'tokenizer'}  <- stage tokenizer (newest earlier stage " \
+           "providing 'tokenizer')" in lines
+    assert not (tmp_path / "runs").exists()

@@ -49,6 +49,26 @@ def run_cmd(
     run_recipe(path, overrides or [], force=force, top_overrides=top)
 
 
+@app.command("plan")
+def plan_cmd(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or a built-in recipe's name). Omit for the default."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    force: bool = typer.Option(False, "--force", help="Plan as `lmforge run --force` would run."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (outputs go to runs/<name>/); default from the recipe."),
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Parent folder of runs (default: runs)."),
+) -> None:
+    """Show, without running anything, each stage's inputs and outputs and whether a run would skip,
+    resume or start it afresh, and why."""
+    from lmforge.dryrun import describe
+    from lmforge.pipeline import builtin_recipe
+
+    path = recipe
+    if recipe is not None and "=" in recipe and not os.path.exists(recipe):
+        overrides, path = [recipe] + list(overrides or []), None
+    top = {k: v for k, v in (("name", name), ("out_dir", out_dir)) if v is not None}
+    print(describe(path or builtin_recipe("default"), overrides or [], force=force, top_overrides=top))
+
+
 def _stage_command(kind: str, summary: str) -> None:
     """Register `lmforge <kind> CONFIG.yaml [key=value ...]` for one stage."""
 

@@ -24,7 +24,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -82,6 +82,7 @@ class PlannedStage:
     module: ModuleType
     cfg: Any
     rd: RunDir
+    filled: dict[str, str] = field(default_factory=dict)  # input field -> the earlier stage that filled it
 
 
 def _stage_paths(value: Any) -> list[str]:
@@ -96,15 +97,27 @@ def _stage_paths(value: Any) -> list[str]:
     return out
 
 
-def input_hash(kind: str, module: ModuleType, cfg: Any) -> str:
-    """Hash of the stage type, its resolved config, and the content of every input path."""
+def stage_hashes(kind: str, module: ModuleType, cfg: Any) -> tuple[str, dict]:
+    """(input hash, its components). The hash covers the stage type, its resolved config and the
+    content of every input path; the components, recorded in the manifest as `hashes`, name each
+    part apart ({"config": sha256, "inputs": {field: [[path, fingerprint], ...]}}) so that a plan
+    can say which one changed."""
     h = hashlib.sha256()
     h.update(kind.encode())
-    h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    for field in getattr(module, "INPUTS", {}):
-        for p in _stage_paths(getattr(cfg, field)):
-            h.update(f"{field}={fingerprint_path(p)}".encode())
-    return h.hexdigest()
+    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    h.update(config.encode())
+    inputs: dict[str, list[list[str]]] = {}
+    for key in getattr(module, "INPUTS", {}):
+        for p in _stage_paths(getattr(cfg, key)):
+            fp = fingerprint_path(p)
+            h.update(f"{key}={fp}".encode())
+            inputs.setdefault(key, []).append([p, fp])
+    return h.hexdigest(), {"config": hashlib.sha256(f"{kind}\0{config}".encode()).hexdigest(), "inputs": inputs}
+
+
+def input_hash(kind: str, module: ModuleType, cfg: Any) -> str:
+    """Hash of the stage type, its resolved config, and the content of every input path."""
+    return stage_hashes(kind, module, cfg)[0]
 
 
 def _resolve_ref(value: Any, root: Path, artifacts: dict[str, Path], where: str, key: str) -> Any:
@@ -133,7 +146,8 @@ def plan(recipe: Recipe, *, where: str, overrides: list[str] = ()) -> list[Plann
         set_path(entries[names.index(path[0])], path[1:], value, origin=text)
 
     root = Path(recipe.out_dir) / recipe.name
-    provided: dict[str, str] = {}
+    provided: dict[str, str] = {}  # kind -> folder of the newest stage providing it
+    provider: dict[str, str] = {}  # kind -> that stage's name
     planned_art: dict[str, Path] = {}  # stage name -> its artifact folder
     out: list[PlannedStage] = []
     for i, (name, entry) in enumerate(zip(names, entries)):
@@ -142,22 +156,24 @@ def plan(recipe: Recipe, *, where: str, overrides: list[str] = ()) -> list[Plann
         if kind is None:
             raise LmforgeError(f"{where}: stages.{i} has no `stage:` key naming its type ({', '.join(STAGES)}).")
         module = stage_module(str(kind))
-        for field, needs in getattr(module, "INPUTS", {}).items():
-            val = entry.get(field)
+        filled: dict[str, str] = {}
+        for key, needs in getattr(module, "INPUTS", {}).items():
+            val = entry.get(key)
             if isinstance(val, list):
-                entry[field] = [_resolve_ref(v, root, planned_art, where, f"stages.{i}.{field}") for v in val]
+                entry[key] = [_resolve_ref(v, root, planned_art, where, f"stages.{i}.{key}") for v in val]
             elif isinstance(val, dict):  # {name: path}, e.g. eval's models: {sft: "@sft"}
-                entry[field] = {k: _resolve_ref(v, root, planned_art, where, f"stages.{i}.{field}.{k}") for k, v in val.items()}
+                entry[key] = {k: _resolve_ref(v, root, planned_art, where, f"stages.{i}.{key}.{k}") for k, v in val.items()}
             elif isinstance(val, str):
-                entry[field] = _resolve_ref(val, root, planned_art, where, f"stages.{i}.{field}")
+                entry[key] = _resolve_ref(val, root, planned_art, where, f"stages.{i}.{key}")
             elif val is None and needs is not None and needs in provided:
-                entry[field] = provided[needs]
+                entry[key] = provided[needs]
+                filled[key] = provider[needs]
         cfg = validate(module.Config, entry, where=where, prefix=f"stages.{i}.")
-        rd = RunDir(root / name, stage=str(kind), artifact=module.ARTIFACT)
+        rd = RunDir(root / name, stage=str(kind), artifact=module.ARTIFACT, create=False)
         for k in (getattr(module, "PROVIDES", ()) or ()):
-            provided[k] = str(rd.path)
+            provided[k], provider[k] = str(rd.path), name
         planned_art[name] = rd.artifact
-        out.append(PlannedStage(name, str(kind), module, cfg, rd))
+        out.append(PlannedStage(name, str(kind), module, cfg, rd, filled))
     return out
 
 
@@ -175,7 +191,8 @@ def run_stage(st: PlannedStage, *, force: bool = False, resume: bool = True, ech
     main = is_main_process()
     if not main:
         echo = _silent
-    h = input_hash(st.kind, st.module, st.cfg)
+    st.rd.path.mkdir(parents=True, exist_ok=True)
+    h, parts = stage_hashes(st.kind, st.module, st.cfg)
     m = read_manifest(st.rd.path)
     if m and not force and m.get("input_hash") == h and m.get("status") == "complete":
         echo(f"[{st.name}] unchanged since the last run, skipped (use --force to re-run).")
@@ -190,7 +207,7 @@ def run_stage(st: PlannedStage, *, force: bool = False, resume: bool = True, ech
                 st.rd.fresh_start()
     if main:
         st.rd.write_config(st.cfg)
-        st.rd.write_manifest(stage=st.kind, name=st.name, input_hash=h, status="running", output_id=None)
+        st.rd.write_manifest(stage=st.kind, name=st.name, input_hash=h, hashes=parts, status="running", output_id=None)
     t0 = time.time()
     summary = st.module.run(st.cfg, st.rd, resume=bool(resume and same_inputs and not force)) or {}
     wall = time.time() - t0
@@ -224,13 +241,19 @@ def builtin_recipe(name: str = "default") -> Path:
     return p
 
 
-def run_recipe(path: str | Path, overrides: list[str] = (), *, force: bool = False, echo=print,
-               top_overrides: dict | None = None) -> list[dict]:
+def prepare(path: str | Path, overrides: list[str] = (), top_overrides: dict | None = None
+            ) -> tuple[Recipe, list[PlannedStage]]:
+    """A recipe file (plus overrides) validated and planned; nothing is written."""
     data = load_yaml(path)
     if top_overrides:
         data.update(top_overrides)
     recipe = validate(Recipe, data, where=str(path))
-    planned = plan(recipe, where=str(path), overrides=list(overrides))
+    return recipe, plan(recipe, where=str(path), overrides=list(overrides))
+
+
+def run_recipe(path: str | Path, overrides: list[str] = (), *, force: bool = False, echo=print,
+               top_overrides: dict | None = None) -> list[dict]:
+    recipe, planned = prepare(path, overrides, top_overrides)
     echo(f"Recipe {recipe.name}: {' -> '.join(p.name for p in planned)} (outputs in {Path(recipe.out_dir) / recipe.name})")
     results, seconds = [], []
     t0 = time.time()

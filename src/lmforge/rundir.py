@@ -266,11 +266,12 @@ def _remove_except(folder: Path, keep: set[Path]) -> None:
 class RunDir:
     """One stage's folder: config, manifest, metrics and log, all written safely."""
 
-    def __init__(self, path: str | Path, stage: str, artifact: str):
+    def __init__(self, path: str | Path, stage: str, artifact: str, *, create: bool = True):
         self.path = Path(path)
         self.stage = stage
         self.artifact_name = artifact
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:  # a plan (create=False) names folders without making them
+            self.path.mkdir(parents=True, exist_ok=True)
 
     @property
     def artifact(self) -> Path:
