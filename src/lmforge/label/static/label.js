@@ -67,7 +67,7 @@ function render() {
     it.responses.forEach((_, pos) => {
       const rid = S.ranking[pos];
       const slot = el("div", "slot" + (rid !== undefined ? " filled" : ""),
-                      (pos + 1) + ". " + (rid !== undefined ? labelOf(indexOf(rid)) : "…"));
+                      "#" + (pos + 1) + " = " + (rid !== undefined ? labelOf(indexOf(rid)) : "…"));
       slot.addEventListener("dragover", (e) => e.preventDefault());
       slot.addEventListener("drop", (e) => { e.preventDefault(); placeAt(Number(e.dataTransfer.getData("text/plain")), pos); });
       bar.append(slot);
