@@ -8,6 +8,8 @@ A stage module (e.g. `lmforge.train.pretrain`) exposes:
     INPUTS      {config field: kind or None}: fields that hold paths; a field left empty is
                 filled with the newest earlier stage that PROVIDES that kind; every path is
                 fingerprinted for the manifest (None = a raw path/glob, never auto-filled)
+    KEEP        (optional) globs in its folder that a fresh start never removes: data that is
+                not derived, like the label stage's human judgments
     run(cfg, rd: RunDir, resume: bool) -> dict   does the work, returns a summary
 
 The runner writes the resolved config, hashes the inputs and config into the manifest, skips
@@ -204,7 +206,7 @@ def run_stage(st: PlannedStage, *, force: bool = False, resume: bool = True, ech
         if m:
             echo(f"[{st.name}] {why}: starting this stage afresh.")
             if main:  # only a folder lmforge made (it has a manifest) is ever emptied
-                st.rd.fresh_start()
+                st.rd.fresh_start(getattr(st.module, "KEEP", ()))
     if main:
         st.rd.write_config(st.cfg)
         st.rd.write_manifest(stage=st.kind, name=st.name, input_hash=h, hashes=parts, status="running", output_id=None)

@@ -294,11 +294,14 @@ class RunDir:
         """The keyed cache entry `name` (e.g. "tokens/train.bin", "base") of this stage: see `keyed_cache`."""
         return keyed_cache(self.path / name, parts, build, echo=echo)
 
-    def fresh_start(self) -> None:
+    def fresh_start(self, keep_globs: tuple[str, ...] = ()) -> None:
         """Remove everything but config.yaml, manifest.json and keyed cache entries (with their
         records): checkpoints, metrics, logs and the old artifact belong to another configuration,
-        while a cache entry is checked against its key when it is next used."""
+        while a cache entry is checked against its key when it is next used. `keep_globs` names
+        what is no derived file at all and must survive (the label stage's human judgments)."""
         keep = {self.path / CONFIG, self.path / MANIFEST}
+        for pattern in keep_globs:
+            keep |= set(self.path.glob(pattern))
         for rec in self.path.rglob("*" + CACHE_RECORD):
             keep |= {rec, rec.with_name(rec.name[: -len(CACHE_RECORD)])}
         _remove_except(self.path, keep)

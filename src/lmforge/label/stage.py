@@ -37,6 +37,7 @@ ARTIFACT = "data"
 PROVIDES = ("preference_data", "sft_data")
 INPUTS = {"model": "model", "prompts": None, "responses": None}
 STORE = "labels.sqlite"
+KEEP = (STORE + "*",)  # the database and its -wal/-shm files: human judgments survive --force
 
 
 def _default_sampling() -> SamplingParams:
