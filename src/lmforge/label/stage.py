@@ -4,6 +4,7 @@
         sampling path; models take turns, each response keeps its model and sampling parameters)
     or responses: ready rows {"prompt", "responses": [text | {text, model, sampling}], "id"?}
         ──> labels.sqlite (store.py; items already stored are never generated again)
+        ──select_by (optional): reward model(s) put the least certain items first (select.py)──>
         ──> the web app (app.py) on 127.0.0.1: annotators rank / choose, flag, write ideal answers
         ──wait: done (until every item has its judgments, or max_wait_s) | none (no server)──>
     data/  preference.jsonl  kto.jsonl  sft.jsonl  items.jsonl  stats.json   (export.py)
@@ -30,12 +31,13 @@ from lmforge.data.preference import read_prompts
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams
 from lmforge.label.export import export
+from lmforge.label.select import select
 from lmforge.label.store import Response, Store, prompt_id_of
 from lmforge.rundir import RunDir, staged_dir
 
 ARTIFACT = "data"
 PROVIDES = ("preference_data", "sft_data")
-INPUTS = {"model": "model", "prompts": None, "responses": None}
+INPUTS = {"model": "model", "prompts": None, "responses": None, "select_by": None}
 STORE = "labels.sqlite"
 KEEP = (STORE + "*",)  # the database and its -wal/-shm files: human judgments survive --force
 
@@ -71,6 +73,9 @@ class Config(Schema):
         "done", description="done = serve the page until every item is judged (or max_wait_s); none = serve "
         "nothing and export what was labelled so far.")
     max_wait_s: float | None = Field(None, gt=0, description="Stop waiting after this many seconds (None = no limit).")
+    select_by: list[str] = Field(
+        default_factory=list, description="Active selection: reward model folder(s); with one, the items it is "
+        "least sure about come first; with two, the items they order most differently (label/select.py).")
     host: str = Field("127.0.0.1", description="Address to bind (0.0.0.0 exposes the page to the network).")
     port: int = Field(8765, ge=0, le=65535, description="TCP port (0 = any free port).")
     store: str | None = Field(None, description="The labelling database (default: <stage folder>/labels.sqlite).")
@@ -222,6 +227,8 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     if store.n_items() == 0:
         raise LmforgeError("label has no item to judge: no prompt gave two distinct non-empty responses "
                            f"(counts: {counts}).")
+    if cfg.select_by:
+        counts["selection"] = select(store, cfg.select_by, device=cfg.device)
     tokens = add_annotators(store, cfg.annotators)
     stopped = wait_for_labels(cfg, store, tokens) if cfg.wait == "done" else "wait: none"
     with staged_dir(rd.artifact) as tmp:

@@ -232,6 +232,9 @@ class Store:
                                "sampling": json.loads(r["sampling"]), "finish_reason": r["finish_reason"]}
                               for r in resp]}
 
+    def item_ids(self) -> list[int]:
+        return [r["id"] for r in self._all("SELECT id FROM items ORDER BY position, id")]
+
     def n_items(self) -> int:
         return self._one("SELECT COUNT(*) FROM items")[0]
 
