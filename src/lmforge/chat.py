@@ -31,6 +31,8 @@ HELP = """commands:
   /params              show the sampling parameters
   /params k=v [k=v..]  change them, e.g. /params temperature=0.2 top_p=0.95 max_new_tokens=64
   /history             show the conversation so far
+  /good, /bad          rate the last reply (with --feedback DIR: stored as KTO data)
+  /fix TEXT            the reply it should have given (stored as an SFT row and a bad rating)
   /help                this text
   /quit                leave (Ctrl-D works too)"""
 
@@ -56,6 +58,9 @@ class ChatSession:
         self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
         self.history: list[dict] = []
         self.context = context_length(model)
+        self.feedback: Any = None  # a lmforge.label Store: /good, /bad and /fix write into it
+        self.model_name = ""
+        self.last: tuple[list[dict], str] | None = None  # (the prompt turns, the reply) /good etc. rate
 
     def messages(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -90,8 +95,25 @@ class ChatSession:
                     write(" [generation failed]")
         except KeyboardInterrupt:
             write(" [stopped]")
+        self.last = (self.messages() + [{"role": "user", "content": user}], answer)
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return answer
+
+    def rate(self, cmd: str, text: str) -> str:
+        """/good, /bad or /fix TEXT on the last reply, written to the feedback store; returns what to show."""
+        from lmforge.label.store import Response
+
+        if self.feedback is None:
+            return "no feedback store: start the chat with --feedback DIR (a label folder) to keep ratings"
+        if self.last is None or not self.last[1].strip():
+            return "nothing to rate yet"
+        if cmd == "/fix" and not text.strip():
+            return "write the better reply after /fix, e.g. /fix Paris."
+        prompt, answer = self.last
+        resp = Response(answer.strip(), self.model_name, self.params.model_dump(mode="json"))
+        self.feedback.add_feedback("chat", prompt, resp, good=cmd == "/good",
+                                   correction=text.strip() if cmd == "/fix" else None)
+        return f"(saved: {'good' if cmd == '/good' else 'bad'}{' with your fix' if cmd == '/fix' else ''})"
 
 
 def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
@@ -130,6 +152,8 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextI
             elif cmd == "/history":
                 for m in session.messages():
                     write(f"{m['role']}> {m['content']}\n")
+            elif cmd in ("/good", "/bad", "/fix"):
+                write(session.rate(cmd, line[len(cmd):]) + "\n")
             elif cmd == "/help":
                 write(HELP + "\n")
             else:
@@ -145,7 +169,7 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextI
 
 
 def chat(model_path: str, params: SamplingParams, *, system: str | None = None, device: str | None = None,
-         dtype: str | None = None) -> None:
+         dtype: str | None = None, feedback: str | None = None) -> None:
     """`lmforge chat`: load the model and run the REPL on the terminal."""
     if params.n != 1:
         raise LmforgeError("the chat shows one reply at a time, so n must be 1.")
@@ -154,4 +178,9 @@ def chat(model_path: str, params: SamplingParams, *, system: str | None = None, 
     except ImportError:
         pass
     model, tokenizer = load_model_for_inference(model_path, device=device, dtype=dtype)
-    repl(ChatSession(model, tokenizer, params, system=system))
+    session = ChatSession(model, tokenizer, params, system=system)
+    if feedback is not None:
+        from lmforge.label.stage import open_store
+
+        session.feedback, session.model_name = open_store(feedback), str(model_path)
+    repl(session)

@@ -245,14 +245,15 @@ def chat_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    feedback: Optional[str] = typer.Option(None, "--feedback", help="A label folder (lmforge label --out): /good, /bad and /fix store ratings there as KTO and SFT data."),
 ) -> None:
-    """Chat with a model in the terminal: streamed replies, /reset, /params temperature=0.2, /help."""
+    """Chat with a model in the terminal: streamed replies, /reset, /params temperature=0.2, /good, /bad, /fix, /help."""
     from lmforge.chat import chat
     from lmforge.generation import sampling_params
 
     params = sampling_params(overrides or [], temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              seed=seed)
-    chat(model, params, system=system, device=device, dtype=dtype)
+    chat(model, params, system=system, device=device, dtype=dtype, feedback=feedback)
 
 
 @app.command("serve")

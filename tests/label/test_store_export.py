@@ -137,3 +137,24 @@ def test_export_formats_read_by_the_training_stages(tmp_path, tiny_model_dir):
     assert len(pairs.chosen) == 6
     thumbs = read_preferences(str(tmp_path / "out/kto.jsonl"), enc, unit="items", max_length=128)["train"]
     assert thumbs.desirable.tolist() == [True, False, True, False, False, False, False, False]
+
+
+def test_feedback_from_use_becomes_kto_and_sft(tmp_path):
+    s = make_store(tmp_path / "l.sqlite", n_items=1)
+    turns = [{"role": "user", "content": "Capital of France?"}]
+    s.add_feedback("serve", turns, Response("Lyon.", "runs/x/sft", {"temperature": 0.7}), good=False,
+                   correction="Paris.")
+    s.add_feedback("chat", turns, Response("Paris.", "runs/x/sft", {"temperature": 0.2}), good=True)
+    a = s.annotator(s.add_annotator("ann"))
+    assert s.progress(a.id)["total"] == 1  # feedback items are never served to annotators
+    assert s.item(s.next_item(a.id))["prompt_id"] == "q0"
+    with pytest.raises(LmforgeError, match="exactly one response"):
+        s.judge(a.id, 1, verdict="good")
+    st = export(s, tmp_path / "out")
+    kto = [json.loads(x) for x in (tmp_path / "out/kto.jsonl").read_text().splitlines()]
+    sft = [json.loads(x) for x in (tmp_path / "out/sft.jsonl").read_text().splitlines()]
+    assert [(k["completion"], k["label"], k["provenance"]["annotator"]) for k in kto] == [
+        ("Lyon.", "bad", "feedback:serve"), ("Paris.", "good", "feedback:chat")]
+    assert kto[0]["provenance"]["model"] == "runs/x/sft" and kto[0]["provenance"]["sampling"] == {"temperature": 0.7}
+    assert sft[0]["messages"] == [*turns, {"role": "assistant", "content": "Paris."}]
+    assert st["feedback_from_use"] == {"good": 1, "bad": 1, "corrections": 1}

@@ -12,6 +12,8 @@ How verdicts become rows (only live judgments count; undone and replaced ones ar
     tie           no pair (a tie says neither is better); no thumb.
     all_bad       no pair (both-bad says nothing about which is worse); every response is a bad thumb.
     skip          nothing (an ideal answer written before skipping is still an SFT row).
+    good / bad    feedback from use (serve, chat) on one completion: a good or bad thumb; a
+                  correction is the ideal answer (an SFT row).
     flags         a response flagged unsafe or wrong is a bad thumb whatever its rank; pairs keep the
                   annotator's ranking as given. Flags are in items.jsonl and counted in stats.json.
     ideal answer  one SFT row (stripped; an empty one gives none).
@@ -58,8 +60,8 @@ def rows_of(item: dict, j: dict, counts: Counter) -> dict[str, list[dict]]:
     thumbs: dict[int, bool] = {}
     if j["verdict"] == "ranked":
         thumbs[j["ranking"][0]], thumbs[j["ranking"][-1]] = True, False
-    elif j["verdict"] == "all_bad":
-        thumbs = {rid: False for rid in resp}
+    elif j["verdict"] in ("all_bad", "good", "bad"):
+        thumbs = {rid: j["verdict"] == "good" for rid in resp}
     for rid in j["flags"]:
         thumbs[rid] = False
     for rid in sorted(thumbs, key=lambda r: resp[r]["id"]):
@@ -118,6 +120,8 @@ def stats(store: Store, judgments: list[dict], items: dict[int, dict]) -> dict:
         "flags": dict(sorted(flags.items())),
         "flagged_share": round(sum(1 for j in judged if j["flags"]) / n, 4),
         "ideal_answers": sum(1 for j in judgments if (j["ideal"] or "").strip()),
+        "feedback_from_use": {"good": verdicts["good"], "bad": verdicts["bad"],
+                              "corrections": sum(1 for j in judgments if j["verdict"] in ("good", "bad") and j["ideal"])},
         "seconds_per_judgment": {"mean": round(statistics.fmean(secs), 2) if secs else None,
                                  "median": round(statistics.median(secs), 2) if secs else None},
         "agreement": agreement(judgments, {i: [r["id"] for r in it["responses"]] for i, it in items.items()}),

@@ -98,6 +98,13 @@ def store_path(cfg: Config, rd: RunDir) -> Path:
     return Path(cfg.store) if cfg.store else rd.path / STORE
 
 
+def open_store(folder: str | Path) -> Store:
+    """The store of a label folder (or the database file itself), for `chat --feedback`, `serve`
+    feedback and `lmforge label export`."""
+    p = Path(folder)
+    return Store(p if p.suffix == ".sqlite" else p / STORE)
+
+
 def generate_items(cfg: Config, store: Store, counts: dict) -> None:
     """k responses for every prompt not yet stored, the models taking turns (model m answers
     k // M (+1 for the first k % M models) times)."""

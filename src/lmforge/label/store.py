@@ -17,6 +17,11 @@ Overlap: an item is in the overlap share when a stable hash of its prompt id fal
 `overlap_annotators` judgments, any other one. An item is claimed by an annotator when first
 served, so a reload or a restart serves the same item again; a skip frees the slot for another
 annotator.
+
+Feedback from use (`serve`'s /v1/feedback, `chat`'s /good /bad /fix) is stored the same way: an
+item holding the one completion that was rated (target 0, so it is never served to annotators)
+and a good/bad judgment by the annotator "feedback:serve" or "feedback:chat", a correction being
+the judgment's ideal answer.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from typing import Any, Literal
 
 from lmforge.errors import LmforgeError
 
-Verdict = Literal["ranked", "tie", "all_bad", "skip"]
-VERDICTS = ("ranked", "tie", "all_bad", "skip")
+Verdict = Literal["ranked", "tie", "all_bad", "skip", "good", "bad"]
+VERDICTS = ("ranked", "tie", "all_bad", "skip", "good", "bad")  # good/bad: thumbs on a one-response item
+FEEDBACK = "feedback:"  # annotator name prefix of feedback from use (`serve`, `chat`): nobody holds their token
 FLAGS = ("unsafe", "wrong")
 MAX_TEXT = 100_000  # characters of an ideal answer or a note
 
@@ -77,7 +83,7 @@ CREATE TABLE IF NOT EXISTS judgments (
     id INTEGER PRIMARY KEY,
     item_id INTEGER NOT NULL REFERENCES items(id),
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
-    verdict TEXT NOT NULL CHECK (verdict IN ('ranked', 'tie', 'all_bad', 'skip')),
+    verdict TEXT NOT NULL CHECK (verdict IN ('ranked', 'tie', 'all_bad', 'skip', 'good', 'bad')),
     ranking TEXT,                      -- JSON list of response ids, best first (verdict ranked)
     flags TEXT NOT NULL DEFAULT '{}',  -- JSON {response id: ["unsafe", "wrong"]}
     ideal TEXT,                        -- the annotator's ideal answer (an SFT demonstration)
@@ -184,7 +190,7 @@ class Store:
         self.set_meta(mode=mode, overlap=overlap, overlap_annotators=overlap_annotators)
 
         def go():
-            for row in self.db.execute("SELECT id, prompt_id FROM items").fetchall():
+            for row in self.db.execute("SELECT id, prompt_id FROM items WHERE target > 0").fetchall():
                 t = overlap_annotators if in_overlap(row["prompt_id"], overlap) else 1
                 self.db.execute("UPDATE items SET target = ? WHERE id = ?", (t, row["id"]))
         self._write(go)
@@ -195,8 +201,10 @@ class Store:
     def has_item(self, prompt_id: str) -> bool:
         return self._one("SELECT 1 FROM items WHERE prompt_id = ?", prompt_id) is not None
 
-    def add_item(self, prompt_id: str, prompt: list[dict], responses: list[Response], source: str) -> bool:
-        """Add an item unless its prompt id is already stored; False when it was."""
+    def add_item(self, prompt_id: str, prompt: list[dict], responses: list[Response], source: str,
+                 target: int | None = None) -> bool:
+        """Add an item unless its prompt id is already stored; False when it was. `target` (default:
+        from the overlap share) is how many annotators should judge it; 0 = never served."""
         def go():
             if self.db.execute("SELECT 1 FROM items WHERE prompt_id = ?", (prompt_id,)).fetchone():
                 return False
@@ -205,7 +213,7 @@ class Store:
             cur = self.db.execute(
                 "INSERT INTO items (prompt_id, prompt, source, position, target, created) VALUES (?, ?, ?, ?, ?, ?)",
                 (prompt_id, json.dumps(prompt, ensure_ascii=False), source, pos,
-                 k if in_overlap(prompt_id, overlap) else 1, time.time()))
+                 target if target is not None else k if in_overlap(prompt_id, overlap) else 1, time.time()))
             for i, r in enumerate(responses):
                 self.db.execute(
                     "INSERT INTO responses (item_id, idx, text, model, sampling, finish_reason) VALUES (?, ?, ?, ?, ?, ?)",
@@ -269,6 +277,20 @@ class Store:
 
     def annotators(self) -> list[Annotator]:
         return [Annotator(r["id"], r["name"]) for r in self._all("SELECT id, name FROM annotators ORDER BY id")]
+
+    def add_feedback(self, source: str, prompt: list[dict], response: Response, *, good: bool,
+                     correction: str | None = None, note: str | None = None) -> int:
+        """Record a rating of one completion from use (source "serve" or "chat"); returns the judgment id."""
+        name = FEEDBACK + source
+        row = self._one("SELECT id FROM annotators WHERE name = ?", name)
+        if row is None:
+            self.add_annotator(name)  # a random token nobody is given: the page cannot act as it
+            row = self._one("SELECT id FROM annotators WHERE name = ?", name)
+        key = json.dumps([prompt, response.text, response.model, time.time_ns()], ensure_ascii=False)
+        pid = "fb" + hashlib.sha256(key.encode()).hexdigest()[:14]
+        self.add_item(pid, prompt, [response], f"feedback from {source}", target=0)
+        item_id = self._one("SELECT id FROM items WHERE prompt_id = ?", pid)["id"]
+        return self.judge(row["id"], item_id, verdict="good" if good else "bad", ideal=correction, note=note)
 
     # ----------------------------------------------------------------------------------------
     # Serving order
@@ -383,6 +405,9 @@ def check_judgment(item: dict, verdict: str, ranking: list[int] | None, flags: d
     where = f"judgment of item {item['id']}"
     if verdict not in VERDICTS:
         raise LmforgeError(f"{where}: verdict {verdict!r} is not one of {', '.join(VERDICTS)}.")
+    if (verdict in ("good", "bad")) != (len(ids) == 1):
+        raise LmforgeError(f"{where}: good/bad rates an item of exactly one response, the other verdicts compare "
+                           f"several; this item has {len(ids)} and the verdict is {verdict!r}.")
     if verdict == "ranked":
         if not isinstance(ranking, list) or sorted(ranking) != sorted(ids) or len(set(ranking)) != len(ids):
             raise LmforgeError(f"{where}: ranking {ranking!r} must list each of the item's responses {ids} once, "
