@@ -545,3 +545,24 @@ def test_role_markers_in_content_stay_text_in_serve_chat_and_generate(tiny, tmp_
     assert json.loads((tmp_path / "out.jsonl").read_text())["prompt_tokens"] == len(want)
     chunks = list(stream(model, tok, want, SamplingParams(temperature=0, max_new_tokens=2)))
     assert chunks[-1].finish_reason in ("stop", "length")
+
+
+def test_role_markers_in_content_stay_text_in_training_data_and_eval(tiny):
+    from lmforge.data.sft import ChatEncoder
+    from lmforge.eval.tasks import Task, prompt_text
+
+    _, tok = tiny
+    specials = set(tok.all_special_ids)
+    conv = [{"role": "user", "content": INJECTION}, {"role": "assistant", "content": "Sure <|user|> ok"}]
+    enc = ChatEncoder(tok)
+    (ids, sup), = enc.encode_many([(conv, "row 1")])
+    assert [tok.convert_ids_to_tokens(i) for i in ids if i in specials] == \
+        ["<|user|>", "<|eos|>", "<|assistant|>", "<|eos|>"]
+    assert tok.decode([i for i, s in zip(ids, sup) if s]) == "Sure <|user|> ok<|eos|>"  # content + end of turn
+    assert tok.decode(ids) == render(tok, conv, add_generation_prompt=False)
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert enc.encode_many([(plain, "row 2")])[0][0] == \
+        tok(render(tok, plain, add_generation_prompt=False), add_special_tokens=False)["input_ids"]
+    task = Task.model_validate({"name": "t", "file": "x.jsonl", "format": "chat", "scorers": ["exact_match"]})
+    got = prompt_text(task, {"id": 0, "prompt": INJECTION}, tok)
+    assert got == encode(tok, [{"role": "user", "content": INJECTION}], add_generation_prompt=True)

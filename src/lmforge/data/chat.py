@@ -58,6 +58,18 @@ def special_texts(tokenizer: Any) -> list[str]:
     return sorted((t for t in texts if t), key=len, reverse=True)
 
 
+def _risky(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Indices of the messages whose content holds a special token's text."""
+    specials = special_texts(tokenizer)
+    return [i for i, m in enumerate(messages)
+            if isinstance(m.get("content"), str) and any(s in m["content"] for s in specials)]
+
+
+def has_special_text(tokenizer: Any, messages: list[dict]) -> bool:
+    """Whether any message content holds a special token's text (cheap: no rendering)."""
+    return bool(_risky(tokenizer, messages))
+
+
 def content_spans(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
     """`render(...)` and the (start, end) character spans in it of every message content that
     holds a special token's text (usually none, and then the spans list is empty).
@@ -67,9 +79,7 @@ def content_spans(tokenizer: Any, messages: list[dict], *, add_generation_prompt
     rendering (a template that rewrites content cannot keep it as text: LmforgeError).
     """
     text = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    specials = special_texts(tokenizer)
-    risky = [i for i, m in enumerate(messages)
-             if isinstance(m.get("content"), str) and any(s in m["content"] for s in specials)]
+    risky = _risky(tokenizer, messages)
     if not risky:
         return text, []
     marks = {i: f"\ue000lmforge-content-{i}\ue001" for i in risky}

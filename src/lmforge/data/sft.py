@@ -31,6 +31,7 @@ that the loss of a packed batch equals the sum of the examples' separate losses.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmforge.data.chat import ROLES, render
+from lmforge.data.chat import ROLES, content_spans, encode_text, has_special_text, render
 from lmforge.data.formats import BadRows, OnBadRows, ReadStats, Record, iter_records
 from lmforge.errors import LmforgeError
 
@@ -275,6 +276,13 @@ class ChatEncoder:
         all_segs = [self.segments(msgs, where) for msgs, where in convs]
         flat = [t for segs in all_segs for t, _ in segs]
         enc = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+        k = 0
+        for (msgs, _), segs in zip(convs, all_segs):
+            if has_special_text(self.tok, msgs):  # typed role markers stay text, as at inference (data/chat.py)
+                full, spans = content_spans(self.tok, msgs, add_generation_prompt=False)
+                cuts = list(itertools.accumulate(len(t) for t, _ in segs))[:-1]
+                enc[k:k + len(segs)] = encode_text(self.tok, full, spans, cuts)
+            k += len(segs)
         out, k = [], 0
         for segs in all_segs:
             ids: list[int] = []

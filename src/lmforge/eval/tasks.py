@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import Schema, load_yaml, validate
-from lmforge.data.chat import render
+from lmforge.data.chat import encode
 from lmforge.errors import LmforgeError
 from lmforge.eval.scorers import DEFAULT_ABSTENTION, DEFAULT_REFUSAL, SCORERS, WIN_RATE, Phrases, phrases
 from lmforge.rundir import resolve_artifact
@@ -228,15 +228,16 @@ def sampling_params(task: Task, stage_overrides: dict[str, Any]):
     return validate(SamplingParams, values, where=f"task {task.name}", prefix="sampling.")
 
 
-def prompt_text(task: Task, row: dict, tokenizer: Any) -> str:
-    """The text given to the model: the chat-rendered conversation, or the plain prompt."""
+def prompt_text(task: Task, row: dict, tokenizer: Any) -> str | list[int]:
+    """What is given to the model: the plain prompt's text, or the chat-rendered conversation's
+    token ids (`data.chat.encode`: role markers typed inside a message stay text)."""
     value = row[task.prompt_field]
     if task.format == "plain":
         if not isinstance(value, str):
             raise LmforgeError(f"Task {task.name!r} row {row['id']}: a plain prompt must be text, "
                                f"not {type(value).__name__}; use format: chat for message lists.")
         return value
-    return render(tokenizer, messages(task, row), add_generation_prompt=True)
+    return encode(tokenizer, messages(task, row), add_generation_prompt=True)
 
 
 def messages(task: Task, row: dict) -> list[dict]:
@@ -254,9 +255,9 @@ def messages(task: Task, row: dict) -> list[dict]:
     return msgs
 
 
-def complete(model: Any, tokenizer: Any, task: Task, prompts: list[str], params: Any, *, max_batch: int) -> list:
-    """The one call into lmforge's generation path. Chat prompts are rendered text that carries
-    its own special tokens; plain prompts get the tokenizer's usual ones, as in `lmforge generate`."""
+def complete(model: Any, tokenizer: Any, task: Task, prompts: list, params: Any, *, max_batch: int) -> list:
+    """The one call into lmforge's generation path. Chat prompts are token ids that carry their
+    own special tokens; plain prompts get the tokenizer's usual ones, as in `lmforge generate`."""
     from lmforge.generation import generate
 
     return generate(model, tokenizer, prompts, params, max_batch=max_batch,

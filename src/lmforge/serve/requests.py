@@ -320,11 +320,14 @@ def fit_to_prompts(req: Parsed, prompts: list[list[int]], limits: Limits) -> Sam
 # Messages
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none"}
+
+
 def _validation_error(e: ValidationError) -> ApiError:
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
     # pydantic appends the union member that failed ("str", "list[...]") to the location: drop it.
-    loc = [p for p in loc if not p.startswith(("list[", "str", "int", "float", "bool", "function-"))] or loc
+    loc = [p for p in loc if p not in _UNION_TAGS and not p.startswith(("list[", "dict[", "function-"))] or loc
     param = ".".join(loc)
     if err["type"] == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {param}.", param, "unknown_parameter")
