@@ -173,6 +173,22 @@ def test_a_long_prompt_is_refused_before_tokenising():
     assert parse_request({"model": "tiny", "prompt": "x" * (127 * 8)}, "completions", LIMITS)
 
 
+def test_the_cheap_bound_holds_for_the_tokenizer_or_is_off(tiny):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmforge.serve.app import max_token_chars
+
+    _, tok = tiny
+    bound = max_token_chars(tok)
+    for text in ("x" + " " * 500 + "y", "Hello there, " * 40, "\u00e9\u4e2d\U0001f600" * 50):
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) >= len(text) / bound
+    # A tokenizer that drops whitespace gives no such bound: the check is off, never wrong.
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    assert max_token_chars(PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")) == 1 << 30
+
+
 @pytest.mark.parametrize("raw, param", [
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
     (b'{"model": "tiny", "prompt": "a\\udfffb"}', "prompt"),

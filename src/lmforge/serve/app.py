@@ -183,15 +183,29 @@ async def _until_disconnect(receive: Any) -> None:
 # The app
 
 
+def max_token_chars(tokenizer: Any) -> int:
+    """Most characters of text one token can stand for, for a cheap lower bound on a prompt's
+    token count (characters / this), or a huge number where no such bound holds.
+
+    A vocabulary entry's string is at least as long as the text it stands for when every
+    character is encoded (byte-level BPE: one character per byte; SentencePiece: one per
+    character). A tokenizer that drops whitespace (word-level, BERT-like) breaks that, which
+    probes of long whitespace runs reveal.
+    """
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    longest = max((len(t) for t in vocab), default=0)
+    for probe in ("x" + " " * 200 + "y", "\n" * 200, "\t" * 200, "\u3000" * 200):
+        if longest == 0 or len(tokenizer(probe, add_special_tokens=False)["input_ids"]) * longest < len(probe):
+            return 1 << 30
+    return longest
+
+
 def limits_for(cfg: ServeConfig, engine: Engine, tokenizer: Any, name: str) -> Limits:
     ctx = engine.context
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     return Limits(
         served_name=name, max_tokens=cfg.max_tokens, max_prompt=cfg.max_prompt_tokens or ((ctx - 1) if ctx else 1 << 30),
         context=ctx, max_stop=cfg.max_stop, max_n=cfg.max_n, max_rows=cfg.max_rows, vocab_size=engine.vocab_size,
-        # A vocabulary entry's string is at least as long as the text it stands for (byte-level
-        # BPE: one character per byte; SentencePiece: one per character).
-        max_token_chars=max((len(t) for t in vocab), default=1 << 20),
+        max_token_chars=max_token_chars(tokenizer),
     )
 
 
