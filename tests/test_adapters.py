@@ -11,9 +11,6 @@ import torch
 from lmforge.adapters import (
     AdapterConfig,
     apply_adapter,
-    load_base,
-    load_causal_lm,
-    load_with_adapter,
     merge,
     save_adapter,
     target_modules,
@@ -22,6 +19,7 @@ from lmforge.adapters import (
 from lmforge.config import TrainConfig
 from lmforge.data.sft import ChatEncoder, PackedRows, iter_conversations, tokenize_conversations
 from lmforge.errors import LmforgeError
+from lmforge.models import load_model
 from lmforge.rundir import RunDir
 from lmforge.train.loop import train
 from lmforge.train.sft import sft_loss
@@ -85,7 +83,7 @@ def test_lora_trains_only_the_adapter_and_saved_adapter_loads_in_plain_peft(tmp_
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)  # LoRA A's initialisation
-    model = load_base(base_dir, AdapterConfig(method="lora"), torch.device("cpu"))
+    model = load_model(base_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = apply_adapter(model, AdapterConfig(method="lora", r=4, dropout=0.0))
     losses = _train(model, packed, tmp_path / "run")
@@ -115,29 +113,29 @@ def test_lora_trains_only_the_adapter_and_saved_adapter_loads_in_plain_peft(tmp_
     assert r["max_abs_logit_diff"] < 1e-4
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     # lmforge's loader: an adapter folder on its recorded base
-    again = load_causal_lm(out)
+    again = load_model(out)
     with torch.no_grad():
         assert torch.allclose(again(input_ids=x).logits, want, atol=1e-5)
 
 
 def test_adapter_on_the_wrong_base_is_refused(tmp_path, base_dir):
-    m = apply_adapter(load_base(base_dir, AdapterConfig(method="lora"), torch.device("cpu")),
+    m = apply_adapter(load_model(base_dir),
                       AdapterConfig(method="lora", r=2))
     save_adapter(m, None, tmp_path / "ad", base_dir=base_dir, method="lora")
     other = save_base(tmp_path / "other", seed=1)  # same architecture and shapes, other weights
     with pytest.raises(LmforgeError, match=f"trained on the base model {base_dir}.*{other} has different weights"):
-        load_with_adapter(other, tmp_path / "ad")
+        load_model(tmp_path / "ad", base=other)
     # a plain peft adapter (no lmforge note) on a base of another width: peft's shape check, rephrased
     (tmp_path / "ad" / "lmforge_adapter.json").unlink()
     from lmforge.models import save_model
 
     save_model(tiny_llama(len(make_tokenizer()), d=32), None, tmp_path / "narrow")
     with pytest.raises(LmforgeError, match="does not fit the base model"):
-        load_with_adapter(tmp_path / "narrow", tmp_path / "ad")
+        load_model(tmp_path / "ad", base=tmp_path / "narrow")
 
 
 def test_prefix_adapter_cannot_be_merged(tmp_path, base_dir):
-    m = apply_adapter(load_base(base_dir, AdapterConfig(method="prefix"), torch.device("cpu")),
+    m = apply_adapter(load_model(base_dir),
                       AdapterConfig(method="prefix", num_virtual_tokens=4))
     save_adapter(m, None, tmp_path / "ad", base_dir=base_dir, method="prefix")
     with pytest.raises(LmforgeError, match="prefix-tuning adapter.*cannot be merged"):
@@ -147,7 +145,7 @@ def test_prefix_adapter_cannot_be_merged(tmp_path, base_dir):
 def test_qlora_on_cpu_trains_lora_on_a_frozen_nf4_base(tmp_path, base_dir, packed):
     spec = AdapterConfig(method="qlora", r=4, dropout=0.0)
     torch.manual_seed(0)
-    model = load_base(base_dir, spec, torch.device("cpu"))
+    model = load_model(base_dir, qlora=spec, device="cpu")
     q = model.model.layers[0].self_attn.q_proj
     assert type(q).__name__ == "Linear4bit" and q.compute_dtype == torch.float32  # fp32 compute on CPU
     assert q.weight.quant_state.quant_type == "nf4"
@@ -166,18 +164,18 @@ def test_qlora_on_cpu_trains_lora_on_a_frozen_nf4_base(tmp_path, base_dir, packe
 
 def test_qlora_on_an_unsupported_device_suggests_lora(base_dir):
     with pytest.raises(LmforgeError, match="cannot run on device mps.*use adapter.method: lora"):
-        load_base(base_dir, AdapterConfig(method="qlora"), torch.device("mps"))
+        load_model(base_dir, qlora=AdapterConfig(method="qlora"), device="mps")
 
 
 def test_adapter_folder_as_model_is_merged_for_full_training(tmp_path, base_dir):
-    m = apply_adapter(load_base(base_dir, AdapterConfig(method="lora"), torch.device("cpu")),
+    m = apply_adapter(load_model(base_dir),
                       AdapterConfig(method="lora", r=2))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.fill_(0.01)
     save_adapter(m, None, tmp_path / "ad", base_dir=base_dir, method="lora")
-    full = load_base(tmp_path / "ad", AdapterConfig(), torch.device("cpu"))
+    full = load_model(tmp_path / "ad")
     m.eval()  # no LoRA dropout
     assert not hasattr(full, "peft_config") and all(p.requires_grad for p in full.parameters())
     x = torch.randint(0, 300, (1, 8))
@@ -190,7 +188,7 @@ def test_prefix_tuning_trains_only_the_prefix(tmp_path, base_dir, packed):
     from lmforge.data.sft import LengthBatches
 
     torch.manual_seed(0)  # the prefix's initialisation
-    model = apply_adapter(load_base(base_dir, AdapterConfig(method="prefix"), torch.device("cpu")),
+    model = apply_adapter(load_model(base_dir),
                           AdapterConfig(method="prefix", num_virtual_tokens=4))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batches = LengthBatches(packed.data, batch_size=4, seed=0, pad_id=0, grouped=True)

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning with `peft`: LoRA, DoRA, prefix tuning and QLoRA.
 
-    base model folder ──load_base──> model (fp32, or 4-bit NF4 for QLoRA)
+    base model folder ──models.load_model──> model (fp32, or 4-bit NF4 for QLoRA: nf4_settings)
         ──apply_adapter──> peft.PeftModel (only adapter parameters require grad)
         ──save_adapter──> adapter folder (PEFT format + tokenizer + lmforge_adapter.json)
         ──merge──> plain HF model folder whose outputs equal base + adapter
@@ -9,7 +9,8 @@ An adapter folder is what `peft.PeftModel.from_pretrained(base, folder)` loads. 
 `lmforge_adapter.json` beside it: the method, the base folder it was trained on, and a
 fingerprint of that base's weights, so loading it on another base fails with one sentence
 instead of producing quietly wrong outputs (shapes alone do not tell two checkpoints of one
-architecture apart).
+architecture apart). `lmforge.models.load_model` makes that check wherever an adapter loads:
+training, evaluation, serving.
 
 QLoRA stores the frozen base in 4-bit NF4 (bitsandbytes) and trains LoRA on top in the
 compute dtype. bitsandbytes 0.50 runs NF4 on CPU as well as CUDA; on CPU the compute dtype is
@@ -89,7 +90,7 @@ def quiet_bitsandbytes() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading the base
+# Loading a 4-bit base (the loader itself is lmforge.models.load_model)
 
 
 def compute_dtype(spec: AdapterConfig, device: torch.device) -> torch.dtype:
@@ -100,21 +101,14 @@ def compute_dtype(spec: AdapterConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _qlora_unsupported(device: torch.device, why: str) -> LmforgeError:
+def qlora_unsupported(device: torch.device, why: str) -> LmforgeError:
     return LmforgeError(f"adapter.method qlora cannot run on device {device.type} ({why}); use adapter.method: lora "
                         "(same adapter, full-precision base) instead.")
 
 
-def load_base(path: str | Path, spec: AdapterConfig, device: torch.device):
-    """The model to fine-tune: a full-precision causal LM, or its 4-bit NF4 version for QLoRA.
-
-    `path` may be a model folder, a stage folder, or an adapter folder (merged into its base first).
-    """
-    if spec.method != "qlora":
-        return load_causal_lm(path, merge_adapter=True).requires_grad_(True)  # peft froze a merged base
-    p = resolve_artifact(path, "model folder")
-    if (p / "adapter_config.json").is_file():
-        raise LmforgeError(f"{p} is an adapter; QLoRA needs a full base model: run `lmforge merge` on it first.")
+def nf4_settings(spec: AdapterConfig, device: torch.device, skip: list[str] | None = None) -> dict:
+    """`from_pretrained` arguments that load a base in 4-bit NF4 for QLoRA on `device`; `skip`:
+    modules kept in full precision (a reward model's head)."""
     quiet_bitsandbytes()
     try:
         import bitsandbytes  # noqa: F401
@@ -122,18 +116,19 @@ def load_base(path: str | Path, spec: AdapterConfig, device: torch.device):
         raise LmforgeError("adapter.method qlora needs bitsandbytes (pip install 'lmforge[qlora]'); or use "
                            "adapter.method: lora.") from None
     if device.type not in ("cpu", "cuda", "xpu"):
-        raise _qlora_unsupported(device, "bitsandbytes has no 4-bit NF4 kernels for it")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        raise qlora_unsupported(device, "bitsandbytes has no 4-bit NF4 kernels for it")
+    from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(spec, device)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                           bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_quant_storage=torch.uint8)
+                           bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_quant_storage=torch.uint8,
+                           **({"llm_int8_skip_modules": skip} if skip else {}))
     where = device.index if device.type == "cuda" and device.index is not None else device.type
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), quantization_config=q, dtype=dtype,
-                                                     device_map={"": where}, local_files_only=True)
-    except (RuntimeError, NotImplementedError, ValueError) as e:
-        raise _qlora_unsupported(device, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    return {"quantization_config": q, "dtype": dtype, "device_map": {"": where}}
+
+
+def prepare_nf4(model):
+    """A freshly loaded 4-bit model made ready for LoRA: base frozen, norms and embeddings in fp32."""
     from peft import prepare_model_for_kbit_training
 
     for mod in model.modules():
@@ -142,7 +137,7 @@ def load_base(path: str | Path, spec: AdapterConfig, device: torch.device):
         # then use other numerics than training (and crash on small layers); keep one format.
         if hasattr(mod, "support_avx512bf16_for_cpu"):
             mod.support_avx512bf16_for_cpu = False
-    # Freezes the base and keeps norms/embeddings in fp32; gradient checkpointing is the stage's choice.
+    # Gradient checkpointing is the stage's choice.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers property
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -177,23 +172,28 @@ def target_modules(model, spec: AdapterConfig) -> list[str] | str:
     return list(spec.target_modules)
 
 
-def peft_config(model, spec: AdapterConfig):
+def peft_config(model, spec: AdapterConfig, head: str = "causal_lm"):
+    """A reward model (head "reward") adapts its backbone and trains its scalar head whole."""
     from peft import LoraConfig, PrefixTuningConfig, TaskType
 
     if spec.method == "prefix":
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens,
                                   prefix_projection=spec.prefix_projection,
                                   encoder_hidden_size=model.config.hidden_size)
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=target_modules(model, spec), use_dora=spec.method == "dora", bias="none")
+    kw = {}
+    if head == "reward":
+        kw = {"modules_to_save": ["score" if isinstance(getattr(model, "score", None), torch.nn.Module) else "classifier"]}
+    return LoraConfig(task_type=TaskType.SEQ_CLS if head == "reward" else TaskType.CAUSAL_LM, r=spec.r,
+                      lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=target_modules(model, spec),
+                      use_dora=spec.method == "dora", bias="none", **kw)
 
 
-def apply_adapter(model, spec: AdapterConfig):
-    """Wrap `model` in a peft model with a fresh adapter; only the adapter requires grad."""
+def apply_adapter(model, spec: AdapterConfig, head: str = "causal_lm"):
+    """Wrap `model` in a peft model with a fresh adapter; only the adapter (and a reward head) requires grad."""
     quiet_bitsandbytes()
     from peft import get_peft_model
 
-    cfg = peft_config(model, spec)
+    cfg = peft_config(model, spec, head)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers property
@@ -265,14 +265,20 @@ def save_trained(model, tokenizer, out: Path, *, adapter, base_dir: Path, extra:
 
 
 def adapter_base(adapter_dir: Path) -> Path:
-    """The base folder an adapter records (lmforge's note first, then peft's adapter_config)."""
+    """The base folder an adapter records (lmforge's note first, then peft's adapter_config); a
+    relative path that does not exist from here is taken relative to the adapter folder."""
     meta = adapter_dir / META
-    if meta.is_file():
-        return Path(json.loads(meta.read_text())["base"])
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    try:
+        base = (json.loads(meta.read_text())["base"] if meta.is_file() else
+                json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+    except (OSError, ValueError, KeyError):
+        base = None
     if not base:
         raise LmforgeError(f"Adapter {adapter_dir} does not say which base model it belongs to; pass the base explicitly.")
-    return Path(base)
+    p = Path(base)
+    if not p.is_absolute() and not p.exists() and (adapter_dir / p).exists():
+        p = adapter_dir / p
+    return p
 
 
 def check_base(adapter_dir: Path, base_dir: Path) -> None:
@@ -287,47 +293,8 @@ def check_base(adapter_dir: Path, base_dir: Path) -> None:
             f"{base_dir} has different weights; load it with the base model it was trained on.")
 
 
-def load_with_adapter(base: str | Path, adapter: str | Path, *, dtype: torch.dtype | None = None):
-    """base + adapter as a `peft.PeftModel` (eval mode); one sentence if they do not belong together."""
-    from lmforge.models import load_model
-
-    quiet_bitsandbytes()
-    from peft import PeftModel
-
-    a = resolve_artifact(adapter, "adapter folder")
-    if not is_adapter(a):
-        raise LmforgeError(f"{a} is not an adapter folder (no adapter_config.json).")
-    b = resolve_artifact(base, "base model folder")
-    check_base(a, b)
-    model = load_model(b, dtype=dtype)
-    try:
-        return PeftModel.from_pretrained(model, str(a), is_trainable=False)
-    except Exception as e:  # size mismatches (RuntimeError), missing targets (ValueError subclasses), ...
-        raise LmforgeError(f"Adapter {a} does not fit the base model {b} ({str(e).splitlines()[0]}); load it "
-                           "with the base model it was trained on.") from None
-
-
-def load_causal_lm(path: str | Path, *, base: str | Path | None = None, merge_adapter: bool = False,
-                   dtype: torch.dtype | None = None):
-    """Any stage's model output: a full model folder, or an adapter folder on its recorded (or given) base.
-
-    With merge_adapter, an adapter comes back merged into a plain transformers model.
-    """
-    from lmforge.models import load_model
-
-    p = resolve_artifact(path, "model folder")
-    if not is_adapter(p):
-        return load_model(p, dtype=dtype)
-    model = load_with_adapter(base or adapter_base(p), p, dtype=dtype)
-    if merge_adapter:
-        if _is_prompt_learning(model):
-            raise LmforgeError(f"{p} is a prefix-tuning adapter, which cannot be merged into the weights; "
-                               "start from its base model instead.")
-        model = model.merge_and_unload()
-    return model
-
-
-def _is_prompt_learning(model) -> bool:
+def is_prompt_learning(model) -> bool:
+    """A prefix-tuning-type adapter: extra key/value positions, no weight update to merge."""
     return any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values())
 
 
@@ -335,11 +302,13 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path) -> dict:
     """Write base + adapter as one plain HF model folder; returns the largest logit difference
     between the merged model and base + adapter on a probe batch (float rounding only)."""
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.models import save_model
+    from lmforge.models import load_model, save_model
 
     a = resolve_artifact(adapter, "adapter folder")
-    model = load_with_adapter(base, a)
-    if _is_prompt_learning(model):
+    if not is_adapter(a):
+        raise LmforgeError(f"{a} is not an adapter folder (no adapter_config.json).")
+    model = load_model(a, base=base, keep_adapter=True)
+    if is_prompt_learning(model):
         raise LmforgeError(f"{a} is a prefix-tuning adapter: it adds key/value positions rather than weight updates, "
                            "so it cannot be merged; load base + adapter instead.")
     vocab = model.get_input_embeddings().weight.shape[0]

@@ -11,9 +11,21 @@ import functools
 import inspect
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from lmforge.adapters import (
+    AdapterConfig,
+    adapter_base,
+    check_base,
+    is_adapter,
+    is_prompt_learning,
+    nf4_settings,
+    prepare_nf4,
+    qlora_unsupported,
+    quiet_bitsandbytes,
+)
 from lmforge.config import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.rundir import resolve_artifact
@@ -67,31 +79,117 @@ def build_model(spec: ModelSpec, tokenizer, *, seed: int) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A causal LM from a local HF folder or an lmforge stage folder (never downloads)."""
-    from transformers import AutoModelForCausalLM
+Head = Literal["causal_lm", "reward"]
 
+
+def load_model(path: str | Path, *, head: Head = "causal_lm", keep_adapter: bool = False,
+               qlora: AdapterConfig | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, base: str | Path | None = None) -> torch.nn.Module:
+    """THE way lmforge loads a model, for every use: a training start, a reference, a reward
+    model, inference, serving, evaluation. Never downloads. Returns it in eval mode.
+
+    path: a Hugging Face model folder, a stage folder, or a peft adapter folder. An adapter is
+        put on its recorded base (or `base`) after the base-fingerprint check (one sentence when
+        they do not belong together) and merged in, unless `keep_adapter` (a `peft.PeftModel`).
+    head: causal_lm (`AutoModelForCausalLM`) or reward (`AutoModelForSequenceClassification`
+        with one label: a reward model loads as it is; a causal LM keeps its backbone and gets a
+        fresh head, initialised from torch's RNG, so the caller seeds it).
+    qlora: QLoRA settings: the base in 4-bit NF4 on `device`, frozen, ready for LoRA.
+    device: where the weights go (None = left on the CPU, for the caller to place).
+    dtype: of the weights (None = fp32; a 4-bit base: its compute dtype).
+    """
     p = resolve_artifact(path, "model folder")
+    if is_adapter(p):
+        model = _adapter_model(p, base, head=head, keep=keep_adapter, quantized=qlora is not None, dtype=dtype)
+    else:
+        model = _full_model(p, head=head, qlora=qlora, device=device, dtype=dtype)
+    if keep_adapter and is_adapter(p):
+        return (model.to(device) if device is not None else model).eval()
+    if qlora is None:
+        model.requires_grad_(True)  # peft froze a merged base; a training start trains it whole
+        if device is not None:
+            model.to(device)
+    return model.eval()
+
+
+def _full_model(p: Path, *, head: Head, qlora: AdapterConfig | None, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
     if not (p / "config.json").is_file():
         raise LmforgeError(f"{p} is not a Hugging Face model folder (no config.json); point to a saved model.")
+    kw: dict = {"dtype": dtype or torch.float32}
+    if qlora is not None:
+        # The reward head stays in full precision: it is trained whole, and quantising a 1-row layer saves nothing.
+        kw = nf4_settings(qlora, torch.device(device or "cpu"), skip=["score", "classifier"] if head == "reward" else None)
+    cls = AutoModelForCausalLM
+    if head == "reward":
+        cls, kw["num_labels"] = AutoModelForSequenceClassification, 1
+    level = hf_logging.get_verbosity()
+    if head == "reward":
+        hf_logging.set_verbosity_error()  # "some weights are newly initialised": a fresh head is the point
     try:
-        return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype or torch.float32, local_files_only=True)
-    except Exception as e:  # many error types from transformers/safetensors for a bad folder
-        raise LmforgeError(f"The model in {p} cannot be loaded ({str(e).splitlines()[0]}).") from None
+        model = cls.from_pretrained(str(p), local_files_only=True, **kw)
+    except Exception as e:  # transformers/safetensors raise many types for a folder they cannot use
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if qlora is not None and isinstance(e, (RuntimeError, NotImplementedError, ValueError)):
+            raise qlora_unsupported(torch.device(device or "cpu"), why) from None
+        raise LmforgeError(f"The model in {p} cannot be loaded{' as a reward model' if head == 'reward' else ''} "
+                           f"({why}).") from None
+    finally:
+        hf_logging.set_verbosity(level)
+    return prepare_nf4(model) if qlora is not None else model
 
 
-def context_length(model) -> int:
-    cfg = model.config
+def _adapter_model(p: Path, base: str | Path | None, *, head: Head, keep: bool, quantized: bool, dtype):
+    quiet_bitsandbytes()
+    from peft import PeftModel
+
+    if quantized:
+        raise LmforgeError(f"{p} is an adapter; QLoRA needs a full base model: run `lmforge merge` on it first.")
+    b = resolve_artifact(base if base is not None else adapter_base(p), "base model folder")
+    check_base(p, b)
+    model = _full_model(b, head="causal_lm", qlora=None, device=None, dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
+    except Exception as e:  # size mismatches (RuntimeError), missing targets (ValueError subclasses), ...
+        raise LmforgeError(f"Adapter {p} does not fit the base model {b} ({str(e).splitlines()[0]}); load it "
+                           "with the base model it was trained on.") from None
+    if keep:
+        return model
+    if is_prompt_learning(model):
+        raise LmforgeError(f"{p} is a prefix-tuning adapter, which cannot be merged into the weights; "
+                           "start from its base model instead.")
+    model = model.merge_and_unload()
+    if head == "reward":
+        model = _with_reward_head(model)
+    return model
+
+
+def _with_reward_head(lm) -> torch.nn.Module:
+    """A one-label sequence-classification model with `lm`'s backbone and a fresh head (torch's RNG)."""
+    from transformers import AutoModelForSequenceClassification
+
+    lm.config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(lm.config)
+    getattr(model, model.base_model_prefix).load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
+    return model
+
+
+def context_length(model) -> int | None:
+    """The model's longest sequence, from its config (a model or anything with `.config`);
+    None when the config does not say."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         v = getattr(cfg, name, None)
         if isinstance(v, int) and v > 0:
             return v
-    return 1 << 30
+    return None
 
 
 def check_compatible(model, tokenizer, seq_len: int, *, where: str) -> None:
     ctx = context_length(model)
-    if seq_len > ctx:
+    if ctx is not None and seq_len > ctx:
         raise LmforgeError(
             f"{where}: sequence length {seq_len} is longer than the model's context of {ctx} positions; "
             f"lower it to at most {ctx}."
@@ -159,7 +257,7 @@ def save_model(model, tokenizer, out: Path, *, extra: dict | None = None, state_
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
-        tokenizer.model_max_length = context_length(model)
+        tokenizer.model_max_length = context_length(model) or tokenizer.model_max_length
         tokenizer.save_pretrained(str(out))
     if extra:
         (out / "lmforge.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")

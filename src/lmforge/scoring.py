@@ -74,13 +74,13 @@ def encode_responses(encoder: ChatEncoder, prompts: list[list[dict]], responses:
     """(prompt, response) pairs as a PreferenceSet of sequences, through SFT's chat encoding (the
     encoding the reward model was trained on); sequences longer than max_length lose their end.
     Returns the set and how many were truncated."""
-    from lmforge.data.preference import _response_start
+    from lmforge.data.preference import response_span
 
     wheres = wheres or [f"item {i}" for i in range(len(prompts))]
     convs = [([*p, {"role": "assistant", "content": r}], w) for p, r, w in zip(prompts, responses, wheres)]
     parts, plens, truncated = [], [], 0
     for ids, sup in encoder.encode_many(convs):
-        start, end = _response_start(sup)
+        start, end = response_span(sup)
         x = np.asarray(ids[:end], dtype=np.int32)
         if len(x) > max_length:
             x, truncated = x[:max_length], truncated + 1
@@ -105,7 +105,7 @@ class RewardModel:
         self.net = RewardHead(model.to(dev).eval())
         self.tokenizer, self.device = tokenizer, dev
         self.encoder = ChatEncoder(tokenizer)
-        self.max_length = context_length(model)
+        self.max_length = context_length(model) or sys.maxsize  # a config that states no context: no cut
         self.truncated = 0  # sequences scored after cutting them to the context (counted, never silent)
 
     @torch.no_grad()
@@ -138,9 +138,8 @@ def is_reward_model(path: Path) -> bool:
 
 def load_reward_model(path: str | Path, *, device: str | torch.device | None = None) -> RewardModel:
     """A reward model from a reward stage folder or a local HF sequence-classification folder."""
-    from transformers import AutoModelForSequenceClassification
-
     from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models import load_model
 
     p = resolve_artifact(path, "reward model")
     if not (p / "config.json").is_file():
@@ -148,11 +147,7 @@ def load_reward_model(path: str | Path, *, device: str | torch.device | None = N
     if not is_reward_model(p):
         raise LmforgeError(f"{p} is not a reward model (a ...ForSequenceClassification with one label); train one "
                            "with the reward stage.")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
-    except Exception as e:  # transformers/safetensors raise many types for a damaged folder
-        raise LmforgeError(f"The reward model in {p} cannot be loaded ({str(e).splitlines()[0]}).") from None
-    return RewardModel(model, load_tokenizer(p), device=device)
+    return RewardModel(load_model(p, head="reward"), load_tokenizer(p), device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +206,7 @@ def call_score_fn(fn: ScoreFn, spec: str, prompt: list[dict], response: str, row
 
 def _row_items(rec, bad) -> tuple[list[dict], list[str], list[str]] | None:
     """(prompt turns, responses, output keys) of one row to score."""
-    from lmforge.data.preference import _prompt, _response, parse_row
+    from lmforge.data.preference import parse_prompt, parse_response, parse_row
     from lmforge.data.sft import check_messages
 
     v, where = rec.values, rec.where
@@ -234,8 +229,8 @@ def _row_items(rec, bad) -> tuple[list[dict], list[str], list[str]] | None:
         bad("unknown format", f"{where} needs 'prompt' + 'response' (or 'completion'), 'prompt' + 'chosen' + "
             f"'rejected', or 'messages' (its fields: {', '.join(map(str, v))})")
         return None
-    prompt = _prompt(v["prompt"], where, bad, None)
-    text = _response(v[name], name, where, bad) if prompt is not None else None
+    prompt = parse_prompt(v["prompt"], where, bad, None)
+    text = parse_response(v[name], name, where, bad) if prompt is not None else None
     if text is None:
         return None
     if check_messages([*prompt, {"role": "assistant", "content": text}], where, bad) is None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 SUBJECTS = ["the king", "a fox", "my sister", "the old miller", "our captain", "the river", "a child", "the queen"]
@@ -74,3 +77,49 @@ def lmforge_cmd(*args: str) -> list[str]:
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, timeout=timeout, env=e)
+
+
+# ---------------------------------------------------------------- interrupted runs (every training stage)
+
+
+def start_stage(stage: str, cfg: Path, out: Path) -> subprocess.Popen:
+    """`lmforge STAGE cfg --out out` in a child process, for a test to interrupt."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(lmforge_cmd(stage, str(cfg), "--out", str(out)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not (out / "checkpoints" / f"step-{step:06d}").exists():
+        assert proc.poll() is None, f"run ended early: {proc.stderr.read()}"
+        assert time.time() - t0 < timeout
+        time.sleep(0.005)
+
+
+def sigkill_after_checkpoint(stage: str, cfg: Path, out: Path, step: int) -> Path:
+    """Run the stage, SIGKILL it once checkpoint `step` exists; returns the newest checkpoint
+    left behind (the run folder still says "running", as after a crash)."""
+    from lmforge.rundir import read_manifest
+    from lmforge.train import checkpoint as ckpt
+
+    proc = start_stage(stage, cfg, out)
+    wait_for_checkpoint(out, step, proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -9
+    assert read_manifest(out)["status"] == "running"
+    killed_at = ckpt.latest(out / "checkpoints")
+    assert killed_at is not None
+    return killed_at
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def first_losses(run: Path, stage: str, n: int) -> list[float]:
+    from lmforge.rundir import RunDir
+
+    return [m["loss"] for m in RunDir(run, stage, "model").read_metrics() if "loss" in m][:n]

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +18,10 @@ from lmforge import losses as L
 from lmforge.data.preference import PreferenceBatches, collate, model_inputs, read_preferences
 from lmforge.data.sft import ChatEncoder
 from lmforge.pipeline import run_single
-from lmforge.rundir import RunDir, read_manifest
-from lmforge.train import checkpoint as ckpt
+from lmforge.rundir import RunDir
 from lmforge.train.dpo import METHODS, NEEDS_REFERENCE, Config, ResponseLogProbs, batch_loss, run_logprobs
 
-from .conftest import lmforge_cmd, write_yaml
+from .conftest import assert_bitwise_equal, first_losses, sigkill_after_checkpoint, write_yaml
 
 SUBJ = ["The quick brown fox", "The lazy dog", "The old miller", "A small model", "The northern gate"]
 VERB = ["jumps over the hills", "carries three apples", "answers questions", "is fine", "is old"]
@@ -307,7 +302,24 @@ def test_reference_free_methods_make_no_reference_pass(tmp_path, sft_start, file
     assert m["summary"]["reference_cached"] is None and not (tmp_path / "run" / "reference").exists()
 
 
-# ---------------------------------------------------------------- exact resume after SIGKILL
+# ---------------------------------------------------------------- pinned first losses, exact resume after SIGKILL
+
+
+# The first four losses of a seeded 4-step run from the SFT start (full fine-tuning, and a LoRA
+# adapter with RPO's NLL term), computed once with the code before the shared policy set-up
+# (commit cf2b4ea) and pinned. Step 1's DPO loss is log 2 whatever the weights (policy ==
+# reference); the later ones move with the seeding, the adapter's initialisation, the data order
+# and the loss.
+PINNED = {"none": [0.693147, 0.688471, 0.685087, 0.653003], "lora": [0.762579, 0.759241, 0.745718, 0.749098]}
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_first_losses_pinned(tmp_path, sft_start, files, adapter):
+    over = {"method": "dpo"} if adapter == "none" else {"method": "rpo", "adapter": {"method": "lora", "r": 4}}
+    cfg = dpo_config(sft_start, files, probe_prompts=0, train=dict(max_steps=4, eval_every=0), **over)
+    run_dpo(tmp_path, cfg)
+    assert first_losses(tmp_path / "run", "dpo", 4) == pytest.approx(PINNED[adapter], abs=1e-5)
+
 
 
 def test_sigkilled_dpo_resumes_bitwise_equal_and_reuses_the_reference(tmp_path, sft_start, files, capsys):
@@ -315,23 +327,13 @@ def test_sigkilled_dpo_resumes_bitwise_equal_and_reuses_the_reference(tmp_path, 
     run_dpo(tmp_path, cfg, name="ref")
     path = write_yaml(tmp_path / "c.yaml", cfg)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(lmforge_cmd("dpo", str(path), "--out", str(out)), env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not (out / "checkpoints" / "step-000005").exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() - t0 < 120
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -9 and read_manifest(out)["status"] == "running"
-    killed_at = ckpt.latest(out / "checkpoints")
-    assert killed_at is not None and int(killed_at.name[5:]) < 16
+    killed_at = sigkill_after_checkpoint("dpo", path, out, 5)
+    assert int(killed_at.name[5:]) < 16
     capsys.readouterr()
     m = run_single("dpo", str(path), [], out=str(out), force=False, resume=True, echo=lambda *a: None)
     assert f"resumed from checkpoint {killed_at}" in capsys.readouterr().out
-    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
-    b = load_file(str(out / "model" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_bitwise_equal(load_file(str(tmp_path / "ref" / "model" / "model.safetensors")),
+                         load_file(str(out / "model" / "model.safetensors")))
     assert m["summary"]["reference_cached"] is True  # read from reference/, not recomputed from trained weights
     steps = [r["step"] for r in RunDir(out, "dpo", "model").read_metrics() if "loss" in r]
     assert steps == list(range(1, 17))

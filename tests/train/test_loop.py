@@ -25,7 +25,14 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train.loop import LossOut, lr_lambda, make_optimizer, train
 from lmforge.train.pretrain import causal_lm_loss
 
-from .conftest import lmforge_cmd, pretrain_config, run_cli, write_yaml
+from .conftest import (
+    assert_bitwise_equal,
+    pretrain_config,
+    run_cli,
+    start_stage,
+    wait_for_checkpoint,
+    write_yaml,
+)
 
 
 def tiny_llama(seed: int = 0, vocab: int = 64):
@@ -44,12 +51,6 @@ def random_blocks(seq_len: int = 16, n_tokens: int = 4000, seed: int = 0) -> Pac
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -258,26 +259,12 @@ def reference_run(tmp_path_factory, curated_dir, tokenizer_dir):
     return cfg, tmp / "run"
 
 
-def _start(cfg: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(lmforge_cmd("pretrain", str(cfg), "--out", str(out)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while not (out / "checkpoints" / f"step-{step:06d}").exists():
-        assert proc.poll() is None, f"run ended early: {proc.stderr.read()}"
-        assert time.time() - t0 < timeout
-        time.sleep(0.005)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_interrupted_run_resumes_bitwise_equal(tmp_path, reference_run, sig):
     cfg, ref = reference_run
     out = tmp_path / "run"
-    proc = _start(cfg, out)
-    _wait_for_checkpoint(out, random.Random().randint(3, 25), proc)
+    proc = start_stage("pretrain", cfg, out)
+    wait_for_checkpoint(out, random.Random().randint(3, 25), proc)
     time.sleep(random.uniform(0.0, 0.05))
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(sig)
@@ -307,7 +294,7 @@ def test_sigterm_saves_a_checkpoint_without_periodic_ones(tmp_path, reference_ru
     cfg = write_yaml(tmp_path / "c.yaml", pretrain_config(curated_dir, tokenizer_dir, max_steps=60, checkpoint_every=0,
                                                           eval_every=20))
     out = tmp_path / "run"
-    proc = _start(cfg, out)
+    proc = start_stage("pretrain", cfg, out)
     t0 = time.time()
     while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text().count("\n") < 5:
         assert proc.poll() is None and time.time() - t0 < 120

@@ -17,7 +17,7 @@ from lmforge.pipeline import run_single
 from lmforge.rundir import RunDir
 from lmforge.scoring import load_reward_model, score_file
 
-from .conftest import run_cli, write_yaml
+from .conftest import assert_bitwise_equal, first_losses, run_cli, sigkill_after_checkpoint, write_yaml
 
 SUBJ = ["The quick brown fox", "The lazy dog", "The old miller", "A small model", "The northern gate"]
 VERB = ["jumps over the hills", "carries three apples", "answers questions", "is fine", "is old"]
@@ -154,3 +154,38 @@ def test_loss_uses_the_pair_margin_and_the_centering_term():
     out = make_loss(Config(model="m", margin=True, center_coef=0.1))(engine, batch)
     assert out.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))) + 0.1 * 2.5**2)
     assert out.metrics["accuracy"].item() == 1 and out.metrics["reward_margin"].item() == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------- pinned first losses, exact resume after SIGKILL
+
+
+# The first four losses of a seeded 4-step run (full fine-tuning with a fresh head, and LoRA with
+# the head trained whole), computed once with the code before the shared policy set-up (commit
+# cf2b4ea) and pinned: the fresh head's seeded initialisation, the adapter's, the data order and
+# the loss all move them.
+PINNED = {"none": [0.695597, 0.691642, 0.667310, 0.722378], "lora": [0.695597, 0.693780, 0.689679, 0.697074]}
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_first_losses_pinned(tmp_path, tiny_model_dir, files, method):
+    cfg = reward_config(tiny_model_dir, files, adapter={"method": method, "r": 4},
+                        train=dict(max_steps=4, log_every=1, eval_every=0))
+    run_reward(tmp_path, cfg)
+    assert first_losses(tmp_path / "run", "reward", 4) == pytest.approx(PINNED[method], abs=1e-5)
+
+
+def test_sigkilled_reward_run_resumes_bitwise_equal(tmp_path, tiny_model_dir, files, capsys):
+    from safetensors.torch import load_file
+
+    cfg = reward_config(tiny_model_dir, files, train=dict(max_steps=16, checkpoint_every=1, eval_every=8, log_every=1))
+    run_reward(tmp_path, cfg, "ref")
+    path = write_yaml(tmp_path / "k.yaml", cfg)
+    out = tmp_path / "killed"
+    killed_at = sigkill_after_checkpoint("reward", path, out, random.Random().randint(3, 12))
+    capsys.readouterr()
+    m = run_single("reward", str(path), [], out=str(out), force=False, resume=True, echo=lambda *a: None)
+    assert f"resumed from checkpoint {killed_at}" in capsys.readouterr().out and m["status"] == "complete"
+    assert_bitwise_equal(load_file(str(tmp_path / "ref" / "model" / "model.safetensors")),
+                         load_file(str(out / "model" / "model.safetensors")))
+    steps = [r["step"] for r in RunDir(out, "reward", "model").read_metrics() if "loss" in r]
+    assert steps == list(range(1, 17))

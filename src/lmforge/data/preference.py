@@ -100,7 +100,7 @@ def detect_kind(values: dict) -> str | None:
     return None
 
 
-def _response(value: Any, name: str, where: str, bad) -> str | None:
+def parse_response(value: Any, name: str, where: str, bad) -> str | None:
     """The response text of a field: text, one assistant turn, or a one-turn list."""
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
@@ -122,7 +122,7 @@ def _response(value: Any, name: str, where: str, bad) -> str | None:
     return value
 
 
-def _prompt(value: Any, where: str, bad, system_prompt: str | None) -> list[dict] | None:
+def parse_prompt(value: Any, where: str, bad, system_prompt: str | None) -> list[dict] | None:
     if isinstance(value, str):
         if not value.strip():
             bad("empty prompt", f"{where} field 'prompt' is empty")
@@ -178,10 +178,10 @@ def parse_row(rec: Record, bad, *, ranked_pairs: RankedPairs = "all", system_pro
             if got is None:
                 return None
             prompt_v, cv, rv = got
-        chosen, rejected = _response(cv, "chosen", where, bad), None
+        chosen, rejected = parse_response(cv, "chosen", where, bad), None
         if chosen is None:
             return None
-        rejected = _response(rv, "rejected", where, bad)
+        rejected = parse_response(rv, "rejected", where, bad)
         if rejected is None:
             return None
         if chosen == rejected:
@@ -202,7 +202,7 @@ def parse_row(rec: Record, bad, *, ranked_pairs: RankedPairs = "all", system_pro
             return None
         responses = []
         for i, r in enumerate(raw):
-            text = _response(r, f"responses[{i}]", where, bad)
+            text = parse_response(r, f"responses[{i}]", where, bad)
             if text is None:
                 return None
             responses.append(text)
@@ -229,7 +229,7 @@ def parse_row(rec: Record, bad, *, ranked_pairs: RankedPairs = "all", system_pro
                 bad("missing field", f"{where} has no field {name!r} (its fields: {', '.join(map(str, v))})")
                 return None
         prompt_v = v["prompt"]
-        text = _response(v["completion"], "completion", where, bad)
+        text = parse_response(v["completion"], "completion", where, bad)
         if text is None:
             return None
         label = v["label"]
@@ -241,7 +241,7 @@ def parse_row(rec: Record, bad, *, ranked_pairs: RankedPairs = "all", system_pro
     if prompt_v is None:
         bad("missing field", f"{where} has no field 'prompt' (its fields: {', '.join(map(str, v))})")
         return None
-    prompt = _prompt(prompt_v, where, bad, system_prompt)
+    prompt = parse_prompt(prompt_v, where, bad, system_prompt)
     if prompt is None:
         return None
     # Validate the conversation (roles, order, non-empty turns) with SFT's rules.
@@ -314,7 +314,7 @@ class PreferenceSet:
         return self.ids[self.offsets[s]:self.offsets[s + 1]]
 
 
-def _response_start(sup: list[bool]) -> tuple[int, int]:
+def response_span(sup: list[bool]) -> tuple[int, int]:
     """(start, end) of the last run of supervised tokens: the final assistant turn."""
     end = len(sup)
     while end > 0 and not sup[end - 1]:
@@ -431,7 +431,7 @@ def read_preferences(patterns: str | list[str], encoder: ChatEncoder, *, unit: U
             starts: list[int] = []
             for _ in r.responses:
                 ids, sup = next(encoded)
-                start, end = _response_start(sup)
+                start, end = response_span(sup)
                 seqs.append(np.asarray(ids[:end], dtype=np.int32))  # tokens after the response never count
                 starts.append(start)
             p = starts[0]
@@ -459,7 +459,7 @@ def read_preferences(patterns: str | list[str], encoder: ChatEncoder, *, unit: U
     return {name: b.build() for name, b in builders.items()}
 
 
-def mask_check(data: PreferenceSet, encoder: ChatEncoder, *, what: str = "preference data") -> str:
+def response_mask_check(data: PreferenceSet, encoder: ChatEncoder, *, what: str = "preference data") -> str:
     """Decode the response tokens of the first rows and compare them with the response texts
     (content + end-of-turn; a prefix of it when truncated); raise on a mismatch. Returns one
     example with its response tokens marked ⟦ ⟧."""
@@ -628,13 +628,13 @@ def load_splits(cfg: DataFields, tokenizer, *, unit: Unit, max_length: int, meth
         sets = read_preferences(cfg.data, encoder, stats=read_train, **common,
                                 route=lambda p: "validation" if in_validation(p, frac) else "train")
         train, val = sets["train"], sets.get("validation")
-    example = mask_check(train, encoder, what="training data")
+    example = response_mask_check(train, encoder, what="training data")
     if val is not None and (len(val.chosen) if unit == "pairs" else len(val.item_seq)) == 0:
         val = None
     return Splits(train, val, encoder, {"train": read_train.as_dict(), "validation": read_val.as_dict()}, example)
 
 
-def read_prompts(cfg, stats: ReadStats) -> list[tuple[list[dict], dict, str]]:
+def read_prompt_rows(cfg, stats: ReadStats) -> list[tuple[list[dict], dict, str]]:
     """(prompt turns, the row's fields, where) of every usable prompt row of `cfg.prompts`.
 
     `cfg` is a prompt-reading stage's config (rejection, feedback, ppo, grpo): it has `prompts`,
@@ -645,12 +645,12 @@ def read_prompts(cfg, stats: ReadStats) -> list[tuple[list[dict], dict, str]]:
     for rec in iter_records(cfg.prompts, dataset_split=cfg.dataset_split, on_bad_rows=cfg.on_bad_rows, stats=stats):
         v, where = rec.values, rec.where
         if "prompt" in v:
-            turns = _prompt(v["prompt"], where, bad, cfg.system_prompt)
+            turns = parse_prompt(v["prompt"], where, bad, cfg.system_prompt)
         elif "messages" in v:
             msgs = v["messages"]
             if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
                 msgs = msgs[:-1]
-            turns = _prompt(msgs, where, bad, cfg.system_prompt)
+            turns = parse_prompt(msgs, where, bad, cfg.system_prompt)
         else:
             bad("missing field", f"{where} has neither 'prompt' nor 'messages' (its fields: {', '.join(map(str, v))})")
             continue

@@ -65,7 +65,7 @@ from pydantic import Field, model_validator
 from lmforge.config import Schema, load_yaml, validate
 from lmforge.data.chat import render
 from lmforge.data.formats import OnBadRows, ReadStats
-from lmforge.data.preference import read_prompts
+from lmforge.data.preference import read_prompt_rows
 from lmforge.errors import LmforgeError
 from lmforge.generation import (
     SamplingParams,
@@ -462,7 +462,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     critic_fn = _load_fn(cfg.critic, "critic") if cfg.method == "critique" and cfg.critic else None
     reviser_fn = _load_fn(cfg.reviser, "reviser") if cfg.method == "critique" and cfg.reviser else None
     stats = ReadStats()
-    prompts = read_prompts(cfg, stats)
+    prompts = read_prompt_rows(cfg, stats)
     if not prompts:
         raise LmforgeError(f"No usable prompt in {cfg.prompts}; check the rows and the counts: {stats.skipped}.")
 

@@ -33,7 +33,7 @@ from pydantic import Field
 from lmforge.config import Schema
 from lmforge.data.chat import render
 from lmforge.data.formats import OnBadRows, ReadStats
-from lmforge.data.preference import read_prompts
+from lmforge.data.preference import read_prompt_rows
 from lmforge.errors import LmforgeError
 from lmforge.generation import Engine, SamplingParams, encode_prompts, load_model_for_inference
 from lmforge.progress import Progress
@@ -101,7 +101,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         raise LmforgeError("rejection needs a scorer: `reward_model` (a reward stage folder) or `score_fn` "
                            "(module:function).")
     stats = ReadStats()
-    prompts = read_prompts(cfg, stats)
+    prompts = read_prompt_rows(cfg, stats)
     if not prompts:
         raise LmforgeError(f"No usable prompt in {cfg.prompts}; check the rows and the counts: {stats.skipped}.")
     model, tokenizer = load_model_for_inference(cfg.model, device=cfg.device, dtype=cfg.dtype)

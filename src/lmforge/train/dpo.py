@@ -1,6 +1,6 @@
 """Stage `dpo`: direct preference optimisation and its family, on the shared training loop.
 
-    model (an SFT output: full model or adapter) ──load_base (+ a fresh adapter)──> policy
+    model (an SFT output: full model or adapter) ──policy.setup (+ a fresh adapter)──> policy
     preference rows ──data.preference──> sequences + pairs (or KTO items)
     reference pass, once, before training ──> one log-prob per sequence (cached in reference/)
     shared loop: ONE packed forward per micro-batch (chosen + rejected) ──> METHODS[method] ──> loss
@@ -60,15 +60,7 @@ import torch
 from pydantic import Field, model_validator
 
 from lmforge import losses as L
-from lmforge.adapters import (
-    AdapterConfig,
-    apply_adapter,
-    base_fingerprint,
-    is_adapter,
-    load_base,
-    save_trained,
-    trainable_report,
-)
+from lmforge.adapters import AdapterConfig, base_fingerprint
 from lmforge.config import TrainConfig
 from lmforge.data.preference import (
     DataFields,
@@ -80,10 +72,8 @@ from lmforge.data.preference import (
     sequence_chunks,
 )
 from lmforge.data.sft import IGNORE
-from lmforge.data.tokenizer import load_tokenizer
-from lmforge.errors import LmforgeError
-from lmforge.models import context_length, disable_dropout, save_model
-from lmforge.rundir import RunDir, fingerprint_path, resolve_artifact, staged_dir
+from lmforge.rundir import RunDir, fingerprint_path
+from lmforge.train import policy
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -229,7 +219,7 @@ METHODS: dict[str, Callable[[PairLogProbs, Config], L.PreferenceOut]] = {
 NEEDS_REFERENCE = {"dpo", "cdpo", "ipo", "rpo", "kto"}
 
 
-def pair_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
+def pair_batch_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
     """Summed loss and summed metrics of a pair batch (slots: B chosen, then B rejected)."""
     B = batch["n"]
     ref = batch.get("ref_logps")
@@ -244,7 +234,7 @@ def pair_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
     })
 
 
-def kto_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
+def kto_batch_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
     """KTO on unpaired items. The reference point z0 is the micro-batch mean of the items' own
     log-ratios (detached, clamped at 0): no extra forward over mismatched (prompt, completion)
     pairs as in the paper, which would need a reference pass per batch composition."""
@@ -260,7 +250,7 @@ def kto_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
 
 
 def batch_loss(cfg: Config, batch: dict, logps: torch.Tensor) -> LossOut:
-    return kto_loss(cfg, batch, logps) if cfg.method == "kto" else pair_loss(cfg, batch, logps)
+    return kto_batch_loss(cfg, batch, logps) if cfg.method == "kto" else pair_batch_loss(cfg, batch, logps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,35 +344,16 @@ def make_eval(cfg: Config, val: PreferenceBatches, lm, tokenizer, rd: RunDir, de
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     acc = make_accelerator(cfg.train)
     main = acc.is_main_process
-    if cfg.model is None:
-        raise LmforgeError("dpo needs `model`: the policy to start from (an SFT stage, a model or an adapter folder).")
-    src = resolve_artifact(cfg.model, "model folder")
-    tokenizer = load_tokenizer(src)
-    torch.manual_seed(cfg.train.seed)  # a fresh adapter's initialisation
-    lm = load_base(src, cfg.adapter, acc.device)
-    base_dir = src
-    if cfg.adapter.enabled and is_adapter(src):
-        # The new adapter sits on the merged starting model, which must exist as a folder to be loadable.
-        base_dir = rd.path / "base"
-        if main and not (base_dir / "config.json").is_file():
-            with staged_dir(base_dir) as tmp:
-                save_model(lm, tokenizer, tmp)
-        acc.wait_for_everyone()
-    if cfg.adapter.enabled:
-        lm = apply_adapter(lm, cfg.adapter)
-    if cfg.disable_dropout:
-        disable_dropout(lm)
-    if getattr(lm, "hf_quantizer", None) is None:  # a 4-bit base is placed by from_pretrained(device_map=...)
-        lm.to(acc.device)
+    begin = policy.start(cfg.model, stage="dpo")
+    src, tokenizer = begin.src, begin.tokenizer
+    pol = policy.setup(begin, adapter=cfg.adapter, seed=cfg.train.seed, acc=acc, rd=rd,
+                       no_dropout=cfg.disable_dropout)
+    lm, trainable, total = pol.model, pol.trainable, pol.total
     net = ResponseLogProbs(lm)
-    max_length = cfg.max_length or context_length(lm)
-    if max_length > context_length(lm):
-        raise LmforgeError(f"dpo.max_length {max_length} is longer than the model's context of {context_length(lm)} "
-                           "positions; lower it.")
+    max_length = policy.max_length(cfg.max_length, lm, where="dpo.max_length")
 
     unit = "items" if cfg.method == "kto" else "pairs"
     splits = load_splits(cfg, tokenizer, unit=unit, max_length=max_length, method=cfg.method)
-    trainable, total = trainable_report(lm)
     pad_id = tokenizer.pad_token_id
     data = PreferenceBatches(splits.train, unit=unit, seed=cfg.train.seed, pad_id=pad_id, layout=cfg.layout)
     val = (PreferenceBatches(splits.val, unit=unit, seed=0, pad_id=pad_id, layout=cfg.layout, shuffle=False,
@@ -438,9 +409,6 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "train_seconds": round(result.wall_seconds, 2), "data": splits.train.stats,
         "skipped_rows": splits.read["train"]["skipped"], **result.last_eval,
     }
-    if main:
-        with staged_dir(rd.artifact) as tmp:
-            save_trained(lm, tokenizer, tmp, adapter=cfg.adapter, base_dir=base_dir,
-                         extra={"stage": "dpo", "summary": summary})
-    acc.wait_for_everyone()
+    policy.save(lm, tokenizer, rd, acc, adapter=cfg.adapter, base_dir=pol.base_dir,
+                extra={"stage": "dpo", "summary": summary})
     return summary

@@ -20,9 +20,9 @@ from lmforge.config import ModelSpec, Schema, TrainConfig
 from lmforge.data.packing import PackedBlocks, load_tokens, token_byte_lengths, token_file
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models import build_model, check_compatible, count_parameters, load_model, save_model
-from lmforge.rundir import RunDir, staged_dir
-from lmforge.train import fsdp
+from lmforge.models import build_model, check_compatible, count_parameters, load_model
+from lmforge.rundir import RunDir
+from lmforge.train import policy
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -129,9 +129,5 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "epochs": round(train_blocks.epochs(result.step * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes), 3),
         **{k: v for k, v in result.last_eval.items()},
     }
-    weights = fsdp.weights_to_save(model)  # every process: a collective when sharded
-    if acc.is_main_process:
-        with staged_dir(rd.artifact) as tmp:
-            save_model(model, tokenizer, tmp, extra={"stage": "pretrain", "summary": summary}, state_dict=weights)
-    acc.wait_for_everyone()
+    policy.save(model, tokenizer, rd, acc, extra={"stage": "pretrain", "summary": summary})
     return summary

@@ -1,7 +1,7 @@
 """Stage `reward`: a reward model trained on preference pairs with the Bradley-Terry loss.
 
     model (an SFT output, or any local HF causal-LM or reward-model folder)
-        ──AutoModelForSequenceClassification(num_labels=1)──> its backbone + a fresh scalar head
+        ──policy.setup(head="reward")──> its backbone + a fresh scalar head (a reward model continues)
     preference rows ──data.preference──> pairs, encoded exactly as SFT and DPO encode them
     shared loop: ONE packed forward per micro-batch ──> r(chosen), r(rejected), read at each
         sequence's last token ──> bradley_terry_loss(margin, center_coef)
@@ -17,9 +17,6 @@ plus val_reward_mean (drifts without `center_coef`: the pairwise loss ignores a 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +24,12 @@ import torch
 from pydantic import Field, model_validator
 
 from lmforge import losses as L
-from lmforge.adapters import (
-    AdapterConfig,
-    compute_dtype,
-    is_adapter,
-    load_causal_lm,
-    peft_config,
-    quiet_bitsandbytes,
-    trainable_report,
-)
+from lmforge.adapters import AdapterConfig
 from lmforge.config import TrainConfig
 from lmforge.data.preference import DataFields, PreferenceBatches, load_splits
-from lmforge.data.tokenizer import load_tokenizer
-from lmforge.errors import LmforgeError
-from lmforge.models import context_length, disable_dropout
-from lmforge.rundir import RunDir, atomic_write_json, replace_dir, resolve_artifact
-from lmforge.scoring import RewardHead, classifier_head, is_reward_model
+from lmforge.rundir import RunDir, atomic_write_json
+from lmforge.scoring import RewardHead, is_reward_model
+from lmforge.train import policy
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -70,98 +57,6 @@ class Config(DataFields):
         if self.adapter.method == "prefix":
             raise ValueError("prefix tuning is not supported for reward models; use adapter.method lora, dora or qlora")
         return self
-
-
-# --------------------------------------------------------------------------------------------
-# The model: a backbone with a scalar head
-
-
-def _quantization(spec: AdapterConfig, device: torch.device) -> dict:
-    """from_pretrained arguments for a 4-bit NF4 base (the settings of adapters.load_base)."""
-    from transformers import BitsAndBytesConfig
-
-    quiet_bitsandbytes()
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise LmforgeError("adapter.method qlora needs bitsandbytes (pip install 'lmforge[qlora]'); or use "
-                           "adapter.method: lora.") from None
-    dtype = compute_dtype(spec, device)
-    # The scalar head stays in full precision: it is trained whole, and quantising a 1-row layer saves nothing.
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                           bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_quant_storage=torch.uint8,
-                           llm_int8_skip_modules=["score", "classifier"])
-    where = device.index if device.type == "cuda" and device.index is not None else device.type
-    return {"quantization_config": q, "dtype": dtype, "device_map": {"": where}}
-
-
-def load_reward_init(src: Path, spec: AdapterConfig, device: torch.device, *, quantize: bool = True):
-    """A one-label sequence-classification model from `src`: a reward model continues as it is; a
-    causal LM (or an adapter, merged first) keeps its backbone and gets a fresh, seeded head."""
-    from transformers import AutoModelForSequenceClassification
-
-    if is_adapter(src):
-        if spec.method == "qlora":
-            raise LmforgeError(f"{src} is an adapter; QLoRA needs a full base model: run `lmforge merge` on it first.")
-        lm = load_causal_lm(src, merge_adapter=True)
-        lm.config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(lm.config)
-        getattr(model, model.base_model_prefix).load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
-        return model
-    kw = _quantization(spec, device) if spec.method == "qlora" and quantize else {"dtype": torch.float32}
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "some weights are newly initialised" is the point here, not a problem
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(src), num_labels=1, local_files_only=True, **kw)
-    except Exception as e:  # transformers raises many types for a folder it cannot use
-        raise LmforgeError(f"{src} cannot be loaded as a reward model ({str(e).splitlines()[0]}).") from None
-    finally:
-        hf_logging.set_verbosity(level)
-    if kw.get("quantization_config") is not None:
-        from peft import prepare_model_for_kbit_training
-
-        for mod in model.modules():
-            # As adapters.load_base does: bitsandbytes' packed bf16 CPU path for no-grad eval calls
-            # changes the numerics and fails on layers whose in_features is not a multiple of 64.
-            if hasattr(mod, "support_avx512bf16_for_cpu"):
-                mod.support_avx512bf16_for_cpu = False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers property
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
-
-
-def with_adapter(model, spec: AdapterConfig):
-    """A peft sequence-classification model: LoRA/DoRA on the backbone, the head fully trained."""
-    from peft import get_peft_model
-
-    pc = peft_config(model, spec)
-    pc.task_type = "SEQ_CLS"
-    head = "score" if isinstance(getattr(model, "score", None), torch.nn.Module) else "classifier"
-    pc.modules_to_save = [head]
-    try:
-        return get_peft_model(model, pc)
-    except ValueError as e:
-        raise LmforgeError(f"adapter: peft cannot adapt this model as configured ({str(e).splitlines()[0]}).") from None
-
-
-def merged_for_saving(model, spec: AdapterConfig, src: Path, tmp: Path):
-    """The trained reward model as one plain HF model. A 4-bit (QLoRA) base is reloaded in full
-    precision and the adapter merged into that, so the saved model has no quantisation error on top."""
-    if not spec.enabled:
-        return model
-    if spec.method != "qlora":
-        return model.merge_and_unload()
-    from peft import PeftModel
-
-    adapter_dir = tmp / "adapter"
-    model.save_pretrained(str(adapter_dir))
-    base = load_reward_init(src, spec, torch.device("cpu"), quantize=False)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    return merged
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,28 +145,15 @@ def gap_report(gaps: np.ndarray, bins: int, out: Path) -> dict:
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     acc = make_accelerator(cfg.train)
     main = acc.is_main_process
-    if cfg.model is None:
-        raise LmforgeError("reward needs `model`: an SFT stage, a causal-LM or adapter folder, or a reward model.")
-    src = resolve_artifact(cfg.model, "model folder")
-    tokenizer = load_tokenizer(src)
-    torch.manual_seed(cfg.train.seed)  # the fresh head's (and adapter's) initialisation
-    model = load_reward_init(src, cfg.adapter, acc.device)
+    begin = policy.start(cfg.model, stage="reward")
+    src, tokenizer = begin.src, begin.tokenizer
     continued = is_reward_model(src)
-    model.config.pad_token_id = tokenizer.pad_token_id  # HF's own forward reads the last non-pad token
-    classifier_head(model)  # fail now, not after the data pass, for a model without a head
-    if cfg.adapter.enabled:
-        model = with_adapter(model, cfg.adapter)
-    if cfg.disable_dropout:
-        disable_dropout(model)
-    if getattr(model, "hf_quantizer", None) is None:
-        model.to(acc.device)
+    pol = policy.setup(begin, adapter=cfg.adapter, seed=cfg.train.seed, acc=acc, rd=rd, head="reward",
+                       no_dropout=cfg.disable_dropout)
+    model, trainable, total = pol.model, pol.trainable, pol.total
     net = RewardHead(model)
-    max_length = cfg.max_length or context_length(model)
-    if max_length > context_length(model):
-        raise LmforgeError(f"reward.max_length {max_length} is longer than the model's context of "
-                           f"{context_length(model)} positions; lower it.")
+    max_length = policy.max_length(cfg.max_length, model, where="reward.max_length")
     splits = load_splits(cfg, tokenizer, unit="pairs", max_length=max_length, method="reward")
-    trainable, total = trainable_report(model)
     pad_id = tokenizer.pad_token_id
     data = PreferenceBatches(splits.train, unit="pairs", seed=cfg.train.seed, pad_id=pad_id, layout=cfg.layout)
     val = (PreferenceBatches(splits.val, unit="pairs", seed=0, pad_id=pad_id, layout=cfg.layout, shuffle=False,
@@ -305,18 +187,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "held_out_gap_median": gaps_rep["quantiles"]["p50"] if gaps_rep else None,
         "data": splits.train.stats, "skipped_rows": splits.read["train"]["skipped"], **result.last_eval,
     }
-    if main:
-        tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".model."))
-        try:
-            out = merged_for_saving(model, cfg.adapter, src, tmp)
-            out.config.pad_token_id = tokenizer.pad_token_id
-            final = tmp / "model"
-            out.save_pretrained(str(final), safe_serialization=True)
-            tokenizer.model_max_length = context_length(out)
-            tokenizer.save_pretrained(str(final))
-            atomic_write_json(final / "lmforge.json", {"stage": "reward", "summary": summary})
-            replace_dir(final, rd.artifact)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
+    # The reward model is saved whole (an adapter merged in): what score, rejection and PPO load.
+    policy.save(policy.merged(pol, rd) if main else model, tokenizer, rd, acc,
+                extra={"stage": "reward", "summary": summary})
     return summary

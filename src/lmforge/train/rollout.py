@@ -44,25 +44,18 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from lmforge import losses as L
-from lmforge.adapters import (
-    AdapterConfig,
-    apply_adapter,
-    is_adapter,
-    load_base,
-    save_trained,
-    trainable_report,
-)
+from lmforge.adapters import AdapterConfig, trainable_report
 from lmforge.config import Schema, TrainConfig
 from lmforge.data.chat import render
 from lmforge.data.formats import OnBadRows, ReadStats
-from lmforge.data.preference import read_prompts
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.preference import read_prompt_rows
 from lmforge.errors import LmforgeError, StopRun
 from lmforge.generation import Completion, SamplingParams, encode_prompts, generate
-from lmforge.models import cache_kwarg, context_length, disable_dropout, output_cache, save_model
+from lmforge.models import cache_kwarg, context_length, output_cache
 from lmforge.rewards import Rewards, RewardSpec
-from lmforge.rundir import RunDir, atomic_write_text, resolve_artifact, staged_dir
+from lmforge.rundir import RunDir, atomic_write_text
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import policy
 from lmforge.train.loop import lr_lambda, make_accelerator, make_optimizer
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +342,7 @@ def load_prompts(cfg: RLFields, tokenizer, context: int, *, stage: str) -> Promp
     if cfg.prompts is None:
         raise LmforgeError(f"{stage} needs `prompts`: rows with a 'prompt' (text or turns) or 'messages'.")
     stats = ReadStats()
-    got = read_prompts(cfg, stats)
+    got = read_prompt_rows(cfg, stats)
     if not got:
         names = cfg.prompts if isinstance(cfg.prompts, str) else ", ".join(cfg.prompts)
         skipped = f" ({stats.total_skipped} bad rows skipped)" if stats.total_skipped else ""
@@ -549,13 +542,14 @@ class Session:
                    "prompts_skipped_too_long": self.prompts.skipped_too_long,
                    "skipped_prompt_rows": self.prompts.read.get("skipped"),
                    "train_seconds": round(time.time() - self.t_start, 2), **summary}
-        with staged_dir(self.rd.artifact) as tmp:
-            save_trained(self.lm, self.tokenizer, tmp, adapter=self.cfg.adapter, base_dir=self.base_dir,
-                         extra={"stage": self.stage, "summary": summary})
+        def value_head(folder: Path) -> None:
             head = _unwrap(self.net).value_head
             if head is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                          str(tmp / "value_head.safetensors"))
+                          str(folder / "value_head.safetensors"))
+
+        policy.save(self.lm, self.tokenizer, self.rd, self.acc, adapter=self.cfg.adapter, base_dir=self.base_dir,
+                    extra={"stage": self.stage, "summary": summary}, also=value_head)
         return summary
 
 
@@ -567,35 +561,19 @@ def setup(cfg: RLFields, rd: RunDir, resume: bool, *, stage: str, group: int, va
     acc = make_accelerator(cfg.train)
     if acc.num_processes > 1:
         raise LmforgeError(f"{stage} runs in one process for now; launch it without accelerate launch / torchrun.")
-    if cfg.model is None:
-        raise LmforgeError(f"{stage} needs `model`: the policy to start from (an SFT stage, a model or an adapter folder).")
-    src = resolve_artifact(cfg.model, "model folder")
-    tokenizer = load_tokenizer(src)
+    begin = policy.start(cfg.model, stage=stage)
+    src, tokenizer = begin.src, begin.tokenizer
     rewards = Rewards.build(cfg.rewards, reward_model=cfg.reward_model, policy_tokenizer=tokenizer,
                             policy_source=str(src), device=cfg.device or acc.device,
                             allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch)
-
-    torch.manual_seed(cfg.train.seed)  # a fresh adapter's and the value head's initialisation
-    lm = load_base(src, cfg.adapter, acc.device)
-    prompts = load_prompts(cfg, tokenizer, context_length(lm), stage=stage)
+    pol = policy.setup(begin, adapter=cfg.adapter, seed=cfg.train.seed, acc=acc, rd=rd)  # dropout off: exact ratios
+    lm, base_dir = pol.model, pol.base_dir
+    prompts = load_prompts(cfg, tokenizer, context_length(lm) or 1 << 30, stage=stage)
     rewards.check_rows(prompts.rows, prompts.wheres)
     check_minibatches(cfg, cfg.rows_per_rollout(group))
-    base_dir = src
-    if cfg.adapter.enabled and is_adapter(src):
-        base_dir = rd.path / "base"  # the new adapter sits on the merged start, which must exist as a folder
-        if not (base_dir / "config.json").is_file():
-            with staged_dir(base_dir) as tmp:
-                save_model(lm, tokenizer, tmp)
     ref = None
     if reference and not cfg.adapter.enabled:
         ref = PolicyValue(copy.deepcopy(lm).requires_grad_(False).eval(), value_head=False)
-    if cfg.adapter.enabled:
-        lm = apply_adapter(lm, cfg.adapter)
-    disable_dropout(lm)  # exact ratios and KL: no dropout noise between the score pass and the update
-    if getattr(lm, "hf_quantizer", None) is None:
-        lm.to(acc.device)
-        if ref is not None:
-            ref.to(acc.device)
     net = PolicyValue(lm, value_head=value_head)
     optimizer = make_optimizer(net, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))

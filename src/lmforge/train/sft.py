@@ -4,7 +4,7 @@
         ──mask check (decoded spans == assistant turns)──> packed or length-grouped batches
         ──shared loop (loss summed over supervised tokens)──> model/ (+ merged/)
 
-Artifact layout (`model/` is what later stages and `lmforge.adapters.load_causal_lm` read):
+Artifact layout (`model/` is what later stages, eval and serve load, through `lmforge.models.load_model`):
 
     full fine-tuning (adapter.method none)
         model/     a plain Hugging Face model folder (safetensors, config, tokenizer) + lmforge.json
@@ -30,16 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from lmforge.adapters import (
-    AdapterConfig,
-    adapter_base,
-    apply_adapter,
-    is_adapter,
-    load_base,
-    merge,
-    save_trained,
-    trainable_report,
-)
+from lmforge.adapters import AdapterConfig, adapter_base, is_adapter, merge
 from lmforge.config import Schema, TrainConfig
 from lmforge.data.formats import ReadStats, is_dataset_folder
 from lmforge.data.sft import (
@@ -55,11 +46,10 @@ from lmforge.data.sft import (
     mask_check,
     tokenize_conversations,
 )
-from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models import add_stop_token, check_compatible, context_length
-from lmforge.rundir import RunDir, resolve_artifact, staged_dir
-from lmforge.train import fsdp
+from lmforge.rundir import RunDir, resolve_artifact
+from lmforge.train import policy
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -254,13 +244,8 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
 
     if cfg.data is None:
         raise LmforgeError("sft needs `data`: files or a folder of chat, Alpaca or prompt/completion rows.")
-    if cfg.model is None:
-        raise LmforgeError("sft needs `model`: a pretrain stage folder or a local Hugging Face model folder.")
-    base_dir = resolve_artifact(cfg.model, "model folder")
-    if cfg.adapter.enabled and is_adapter(base_dir):
-        raise LmforgeError(f"{base_dir} is an adapter; a new adapter needs a full base model: run "
-                           f"`lmforge merge` on it first, or fine-tune it fully (adapter.method: none).")
-    tokenizer = load_tokenizer(cfg.tokenizer or base_dir)
+    begin = policy.start(cfg.model, stage="sft", tokenizer=cfg.tokenizer)
+    base_dir, tokenizer = begin.src, begin.tokenizer
 
     # 1. Data: rows -> conversations -> tokens + mask, then the mask check.
     # (before the model loads, which can take minutes: bad data should fail at once)
@@ -291,19 +276,12 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
             eval_fn = make_eval(val, batch_size=cfg.train.batch_size, max_batches=cfg.train.eval_batches)
 
     # 2. Model: full fine-tuning, or a fresh adapter on the frozen base.
-    torch.manual_seed(cfg.train.seed)
-    model = load_base(base_dir, cfg.adapter, acc.device)
+    sharded = cfg.train.fsdp and acc.num_processes > 1
+    pol = policy.setup(begin, adapter=cfg.adapter, seed=cfg.train.seed, acc=acc, rd=rd, no_dropout=False,
+                       gradient_checkpointing=cfg.gradient_checkpointing, sharded=sharded)
+    model, trainable, total = pol.model, pol.trainable, pol.total
     check_compatible(model, tokenizer, seq_len, where="sft.seq_len")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.adapter.enabled:
-            model.enable_input_require_grads()  # a frozen embedding would cut the graph otherwise
-    if cfg.adapter.enabled:
-        model = apply_adapter(model, cfg.adapter)
-    trainable, total = trainable_report(model)
-    say(f"sft: {cfg.adapter.method if cfg.adapter.enabled else 'full fine-tuning'}: {trainable:,} trainable of "
-        f"{total:,} parameters ({100 * trainable / total:.3f}%), seq_len {seq_len}, batching {cfg.batching}, "
-        f"device {acc.device}")
+    say(f"sft: {policy.describe(pol)}, seq_len {seq_len}, batching {cfg.batching}, device {acc.device}")
 
     data = make_batches(train_ex, cfg.batching, seq_len=seq_len, batch_size=cfg.train.batch_size,
                         seed=cfg.train.seed, pad_id=tokenizer.pad_token_id)
@@ -320,17 +298,14 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "examples_seen": seen, "epochs": round(seen / len(train_ex), 3), "tokens_per_s": round(result.tokens_per_s, 1),
         "train_seconds": round(result.wall_seconds, 2), **result.last_eval,
     })
-    weights = fsdp.weights_to_save(model)  # every process: a collective when sharded
-    if main:
-        # Replies now end with the template's end-of-turn token; when that is not EOS (a reused
-        # template: <|im_end|>, <|eot_id|>), plain transformers' generate must stop there too.
-        add_stop_token(model, encoder.eot_id)
-        with staged_dir(rd.artifact) as tmp:
-            save_trained(model, tokenizer, tmp, adapter=cfg.adapter, base_dir=base_dir,
-                         extra={"stage": "sft", "summary": summary}, state_dict=weights)
-        if cfg.merge:
-            summary["merged"] = merge(base_dir, rd.artifact, rd.path / "merged")
-            say(f"sft: merged base + adapter into {rd.path / 'merged'} "
-                f"(max |logit difference| {summary['merged']['max_abs_logit_diff']:.2e})")
+    # Replies now end with the template's end-of-turn token; when that is not EOS (a reused
+    # template: <|im_end|>, <|eot_id|>), plain transformers' generate must stop there too.
+    add_stop_token(model, encoder.eot_id)
+    policy.save(model, tokenizer, rd, acc, adapter=cfg.adapter, base_dir=pol.base_dir,
+                extra={"stage": "sft", "summary": summary})
+    if cfg.merge and main:
+        summary["merged"] = merge(pol.base_dir, rd.artifact, rd.path / "merged")
+        say(f"sft: merged base + adapter into {rd.path / 'merged'} "
+            f"(max |logit difference| {summary['merged']['max_abs_logit_diff']:.2e})")
     acc.wait_for_everyone()
     return summary
