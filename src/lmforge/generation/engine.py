@@ -25,7 +25,7 @@ from lmforge.generation.logits import (
 )
 from lmforge.generation.params import SamplingParams
 from lmforge.generation.text import decode_delta, find_stop, stop_holdback
-from lmforge.models import cache_kwarg
+from lmforge.models import cache_kwarg, context_length
 
 
 @dataclass
@@ -119,16 +119,6 @@ class _RowParams:
         self.any_min_new = any(p.min_new_tokens > 0 for p in ps)
         self.any_logprobs = any(p.logprobs for p in ps)
         self.seeded = [i for i, r in enumerate(rows) if r.generator is not None]
-
-
-def context_length(model: Any) -> int | None:
-    """The model's maximum sequence length, from its config (None if it does not say)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def end_of_turn_id(tokenizer: Any) -> int | None:

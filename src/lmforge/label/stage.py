@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from lmforge.config import Schema
 from lmforge.data.formats import BadRows, OnBadRows, ReadStats
-from lmforge.data.preference import read_prompts
+from lmforge.data.preference import read_prompt_rows
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams
 from lmforge.label.export import export
@@ -112,7 +112,7 @@ def generate_items(cfg: Config, store: Store, counts: dict) -> None:
     from lmforge.generation import generate, load_model_for_inference
 
     stats = ReadStats()
-    rows = [(t, v, w) for t, v, w in read_prompts(cfg, stats)]
+    rows = [(t, v, w) for t, v, w in read_prompt_rows(cfg, stats)]
     counts["skipped_prompt_rows"] = stats.as_dict()["skipped"]
     todo = [(str(v.get("id") or prompt_id_of(t)), t, w) for t, v, w in rows]
     todo = [x for x in todo if not store.has_item(x[0])]
@@ -162,7 +162,7 @@ def ready_items(cfg: Config, store: Store, counts: dict) -> None:
     stats = ReadStats()
     bad = BadRows(cfg.on_bad_rows, stats)
     src = cfg.model_copy(update={"prompts": cfg.responses})
-    for turns, v, where in read_prompts(src, stats):
+    for turns, v, where in read_prompt_rows(src, stats):
         raw = v.get("responses")
         if not isinstance(raw, list) or len(raw) < 2:
             bad("bad responses", f"{where} field 'responses' must list at least two responses")
