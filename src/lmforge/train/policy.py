@@ -3,7 +3,8 @@
     `model:` (a stage folder, a Hugging Face model folder or an adapter folder)
         ──resolve + load_tokenizer──> Start (cheap: a stage checks its data before the model loads)
         ──seed, models.load_model──> the starting weights (an adapter merged in; 4-bit for QLoRA)
-        ──base/ when a new adapter goes on an adapter: the merged start as a folder it can name──
+        ──base/ when a new adapter goes on an adapter: the merged start as a folder it can name
+          (a keyed cache entry: rebuilt when the starting adapter or its base changes)──
         ──apply_adapter──> the policy (only the adapter trains) ──dropout off──> the device
     ... the stage trains it ...
     save ──> model/: the whole model (HF) or the adapter (PEFT, on base_dir), written by process 0
@@ -23,11 +24,19 @@ from typing import Any
 
 import torch
 
-from lmforge.adapters import AdapterConfig, apply_adapter, is_adapter, save_trained, trainable_report
+from lmforge.adapters import (
+    AdapterConfig,
+    adapter_base,
+    apply_adapter,
+    base_fingerprint,
+    is_adapter,
+    save_trained,
+    trainable_report,
+)
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models import Head, context_length, disable_dropout, load_model, save_model
-from lmforge.rundir import RunDir, resolve_artifact, staged_dir
+from lmforge.rundir import RunDir, file_sha256, resolve_artifact, staged_dir
 from lmforge.train import fsdp
 
 
@@ -49,6 +58,7 @@ class Policy:
     head: Head
     trainable: int
     total: int
+    base_reused: bool | None = None  # base/ (the merged start) reused from an earlier run; None: none needed
 
     @property
     def quantized(self) -> bool:
@@ -77,9 +87,9 @@ def setup(begin: Start, *, adapter: AdapterConfig, seed: int, acc, rd: RunDir, h
     torch.manual_seed(seed)  # a fresh adapter's (and a reward head's) initialisation
     qlora = adapter if adapter.method == "qlora" else None
     model = load_model(begin.src, head=head, qlora=qlora, device=acc.device if qlora is not None else None)
-    base_dir = begin.src
+    base_dir, base_reused = begin.src, None
     if adapter.enabled and head == "causal_lm" and is_adapter(begin.src):
-        base_dir = merged_start(model, begin, rd, acc)
+        base_dir, base_reused = merged_start(model, begin, rd, acc)
     if head == "reward":
         model.config.pad_token_id = begin.tokenizer.pad_token_id  # HF's own forward reads the last non-pad token
         classifier_head(model)  # fail now, not after the data pass, for a model without a head
@@ -94,18 +104,22 @@ def setup(begin: Start, *, adapter: AdapterConfig, seed: int, acc, rd: RunDir, h
     if qlora is None and not sharded:  # a 4-bit base is placed by from_pretrained(device_map=...)
         model.to(acc.device)
     trainable, total = trainable_report(model)
-    return Policy(model, begin.tokenizer, begin.src, base_dir, adapter, head, trainable, total)
+    return Policy(model, begin.tokenizer, begin.src, base_dir, adapter, head, trainable, total, base_reused)
 
 
-def merged_start(model, begin: Start, rd: RunDir, acc) -> Path:
+def merged_start(model, begin: Start, rd: RunDir, acc) -> tuple[Path, bool]:
     """base/: the merged starting model as a folder, so that a new adapter trained on it names a
-    base that exists (a chain of adapters would need every link to load). Process 0 writes it."""
-    base_dir = rd.path / "base"
-    if acc.is_main_process and not (base_dir / "config.json").is_file():
-        with staged_dir(base_dir) as tmp:
-            save_model(model, begin.tokenizer, tmp)
-    acc.wait_for_everyone()
-    return base_dir
+    base that exists (a chain of adapters would need every link to load). A keyed cache entry
+    (`RunDir.cache`): reused while the starting adapter's weights and its base are unchanged,
+    rebuilt when either changes. Process 0 builds it; returns (folder, whether it was reused)."""
+    src = begin.src
+    parts = {"kind": "merged-start-v1",
+             "adapter": {f.name: file_sha256(f) for f in sorted(src.glob("*.safetensors"))},
+             "adapter_config": file_sha256(src / "adapter_config.json"),
+             "base": base_fingerprint(resolve_artifact(adapter_base(src), "base model folder"))}
+    with acc.main_process_first():  # process 0 builds it; the others then find it
+        entry = rd.cache("base", parts, lambda tmp: save_model(model, begin.tokenizer, tmp))
+    return entry.path, entry.hit
 
 
 def max_length(asked: int | None, model, *, where: str) -> int:
