@@ -16,3 +16,11 @@ class StopRun(LmforgeError):
 
 class Preempted(LmforgeError):
     """SIGTERM arrived: a checkpoint was saved at the step boundary and the run stopped."""
+
+
+def reason(e: BaseException, limit: int = 200) -> str:
+    """An underlying exception's message fit to put inside a one-sentence LmforgeError: its first
+    non-empty line, shortened (library messages such as pyarrow's often span several lines)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

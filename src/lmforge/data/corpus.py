@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, reason
 from lmforge.rundir import resolve_artifact
 
 SPLITS = ("train", "validation", "test")
@@ -37,7 +37,7 @@ def iter_texts(data: str | Path, split: str, *, required: bool = True, batch_row
         try:
             pf = pq.ParquetFile(shard)
         except Exception as e:  # pyarrow raises several types for corrupt files
-            raise LmforgeError(f"Parquet shard {shard} cannot be read ({e}); re-run the curate stage.") from None
+            raise LmforgeError(f"Parquet shard {shard} cannot be read ({reason(e)}); re-run the curate stage.") from None
         if "text" not in pf.schema_arrow.names:
             raise LmforgeError(f"Parquet shard {shard} has no `text` column; re-run the curate stage.")
         kind = pf.schema_arrow.field("text").type
@@ -49,5 +49,5 @@ def iter_texts(data: str | Path, split: str, *, required: bool = True, batch_row
                 for t in batch.column(0).to_pylist():
                     if t:
                         yield t
-        except (pa.ArrowException, OSError) as e:
-            raise LmforgeError(f"Parquet shard {shard} cannot be read ({e}); re-run the curate stage.") from None
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a damaged string column: bad UTF-8
+            raise LmforgeError(f"Parquet shard {shard} cannot be read ({reason(e)}); re-run the curate stage.") from None

@@ -34,12 +34,14 @@ import gzip
 import io
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, reason
 
 OnBadRows = Literal["error", "skip"]
 TextMode = Literal["file", "blocks"]
@@ -99,6 +101,8 @@ class BadRows:
         self.skip, self.stats, self.skip_option = on_bad_rows == "skip", stats, skip_option
 
     def __call__(self, reason: str, message: str) -> None:
+        if not message.isprintable():  # a field name or value with a newline must not break the one line
+            message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
         if not self.skip:
             hint = f", or set {self.skip_option}: skip to skip and count such rows" if self.skip_option else ""
             raise LmforgeError(f"{message}; fix it{hint}.")
@@ -163,7 +167,7 @@ def _open_binary(p: Path):
     try:
         return gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb")
     except OSError as e:
-        raise LmforgeError(f"Input file {p} cannot be read ({e.strerror or e}).") from None
+        raise LmforgeError(f"Input file {p} cannot be read ({e.strerror or reason(e)}).") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +182,43 @@ def _decode(raw: bytes, where: str, bad: BadRows) -> str | None:
         return None
 
 
+_BAD = object()  # what _parse_json returns for a row it reported
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = "holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is not text"
+
+
+def _lone_surrogate(obj: Any) -> bool:
+    """True if a decoded JSON value holds a lone surrogate. Such a string is no text: it cannot be
+    written as UTF-8, so tokenising or saving it would fail later, far from its row."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _parse_json(text: str, where: str, bad: BadRows, *, check_text: bool = True) -> Any:
+    """The JSON value of `text`, or _BAD after reporting why it is unusable (`check_text`: also
+    when it holds a lone surrogate; a caller that checks item by item turns this off)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+        # e.msg may end in "at" already ("Unterminated string starting at")
+        bad("malformed JSON", f"{where} is not valid JSON ({e.msg.removesuffix(' at')} at {at})")
+        return _BAD
+    except RecursionError:
+        bad("malformed JSON", f"{where} nests JSON arrays or objects too deeply to read")
+        return _BAD
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        bad("malformed JSON", f"{where} is not usable JSON ({str(e).split(':')[0]})")
+        return _BAD
+    if check_text and _SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj):
+        bad("lone surrogate", f"{where} {_LONE_SURROGATE}")
+        return _BAD
+    return obj
+
+
 def _read_jsonl(p: Path, bad: BadRows) -> Iterator[Record]:
     with _open_binary(p) as f:
         for lineno, raw in enumerate(f, 1):
@@ -187,11 +228,8 @@ def _read_jsonl(p: Path, bad: BadRows) -> Iterator[Record]:
             line = _decode(raw, where, bad)
             if line is None or not line.strip():
                 continue  # blank lines separate nothing in JSON lines; they are not records
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                # e.msg may end in "at" already ("Unterminated string starting at")
-                bad("malformed JSON", f"{where} is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
+            obj = _parse_json(line, where, bad)
+            if obj is _BAD:
                 continue
             if not isinstance(obj, dict):
                 bad("not a JSON object", f"{where} is a JSON {type(obj).__name__}, not an object")
@@ -208,10 +246,15 @@ def _read_json(p: Path, bad: BadRows) -> Iterator[Record]:
     # A JSON array cannot be streamed with the standard library: this loads the file whole.
     with _open_binary(p) as f:
         try:
-            items = json.loads(f.read().decode("utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LmforgeError(f"Input file {p} is not valid JSON ({e}); fix it or convert it to JSON lines.") from None
+            text = f.read().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"Input file {p} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8.") from None
+    items = _parse_json(text, f"Input file {p}", BadRows("error", ReadStats(), None), check_text=False)
+    check = _SURROGATE_ESCAPE.search(text) is not None
     for i, obj in enumerate(items, 1):
+        if check and _lone_surrogate(obj):
+            bad("lone surrogate", f"{p} item {i} {_LONE_SURROGATE}")
+            continue
         if not isinstance(obj, dict):
             bad("not a JSON object", f"{p} item {i} is a JSON {type(obj).__name__}, not an object")
             continue
@@ -240,7 +283,7 @@ def _read_csv(p: Path, bad: BadRows, delimiter: str) -> Iterator[Record]:
             raise LmforgeError(f"Input file {p} is not valid UTF-8 near line {reader.line_num + 1} ({e.reason}); "
                                "re-encode it as UTF-8.") from None
         except csv.Error as e:
-            raise LmforgeError(f"Input file {p} is not valid CSV at line {reader.line_num} ({e}).") from None
+            raise LmforgeError(f"Input file {p} is not valid CSV at line {reader.line_num} ({reason(e)}).") from None
 
 
 def _read_text(p: Path, bad: BadRows, text_mode: TextMode) -> Iterator[Record]:
@@ -276,8 +319,8 @@ def _read_parquet(p: Path, columns: list[str] | None) -> Iterator[Record]:
 
     try:
         pf = pq.ParquetFile(p)
-    except (pa.ArrowException, OSError) as e:
-        raise LmforgeError(f"Input file {p} is not a readable Parquet file ({e}).") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # (a damaged schema: bad UTF-8 names)
+        raise LmforgeError(f"Input file {p} is not a readable Parquet file ({reason(e)}).") from None
     names = pf.schema_arrow.names
     cols = columns if columns and all(c in names for c in columns) else None
     row = 0
@@ -286,8 +329,8 @@ def _read_parquet(p: Path, columns: list[str] | None) -> Iterator[Record]:
             for values in batch.to_pylist():
                 row += 1
                 yield Record(values, str(p), row, "row", "parquet")
-    except (pa.ArrowException, OSError) as e:
-        raise LmforgeError(f"Input file {p} cannot be read past row {row} ({e}).") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a damaged string column: bad UTF-8
+        raise LmforgeError(f"Input file {p} cannot be read past row {row} ({reason(e)}).") from None
 
 
 def _read_datasets(p: Path, split: str | None, columns: list[str] | None) -> Iterator[Record]:
@@ -296,7 +339,7 @@ def _read_datasets(p: Path, split: str | None, columns: list[str] | None) -> Ite
     try:
         ds = datasets.load_from_disk(str(p))
     except Exception as e:  # datasets raises a variety of types for a damaged folder
-        raise LmforgeError(f"Input folder {p} cannot be loaded with datasets.load_from_disk ({e}).") from None
+        raise LmforgeError(f"Input folder {p} cannot be loaded with datasets.load_from_disk ({reason(e)}).") from None
     if isinstance(ds, datasets.DatasetDict):
         if split is not None and split not in ds:
             raise LmforgeError(f"Input folder {p} has no split {split!r}; it has: {', '.join(ds)}.")
@@ -349,8 +392,8 @@ def iter_records(patterns: list[str] | str, *, text_mode: TextMode = "file", dat
             for rec in it:
                 stats.records += 1
                 yield rec
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise LmforgeError(f"Input file {p} cannot be read ({e}).") from None
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise LmforgeError(f"Input file {p} cannot be read ({reason(e)}).") from None
 
 
 def text_of(rec: Record, text_field: str, bad) -> str | None:

@@ -27,6 +27,7 @@ the longest sequence, so almost no padding is computed; `pad` gives each sequenc
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -154,7 +155,12 @@ def _implicit_prompt(values: dict, where: str, bad) -> tuple[list[dict], Any, An
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond float's range (JSON allows it)
+        return False
 
 
 def parse_row(rec: Record, bad, *, ranked_pairs: RankedPairs = "all", system_prompt: str | None = None) -> PrefRow | None:

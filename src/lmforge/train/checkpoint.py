@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, reason
 from lmforge.rundir import atomic_write_json, file_sha256
 from lmforge.train import fsdp
 
@@ -267,17 +267,12 @@ def load(ckpt: Path, *, model, optimizer, scheduler, rank: int, world: int, requ
         scheduler.load_state_dict(opt["scheduler"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
         raise _corrupted(ckpt, f"optimizer.pt does not hold this run's optimizer and scheduler state: "
-                               f"{_first_line(e)}") from None
+                               f"{reason(e)}") from None
     try:
         set_rng_state(rng)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
-        raise _corrupted(ckpt, f"rng-{rank}.pt does not hold random-generator states: {_first_line(e)}") from None
+        raise _corrupted(ckpt, f"rng-{rank}.pt does not hold random-generator states: {reason(e)}") from None
     return state
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 def _same_kind(a, b) -> bool:
