@@ -92,7 +92,7 @@ def row_readers(path: Path, on_bad_rows: str, stats: formats.ReadStats) -> list:
         lambda: list(sft.iter_conversations(src, fmt="auto", on_bad_rows=on_bad_rows, stats=stats)),
         lambda: [preference.parse_row(r, formats.BadRows(on_bad_rows, stats))
                  for r in formats.iter_records(src, on_bad_rows=on_bad_rows)],
-        lambda: preference.read_prompts(prompt_cfg, stats),
+        lambda: preference.read_prompt_rows(prompt_cfg, stats),
     ]
 
 
