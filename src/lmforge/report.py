@@ -409,6 +409,9 @@ def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int 
                       [[sm.get("vocab_size"), _fmt(sm.get("val_bytes_per_token")), _fmt(sm.get("val_bytes")),
                         _fmt(sm.get("val_tokens"))]])
 
+        if s["kind"] == "label" and s["summary"]:
+            _label_section(doc, s)
+
     curves = [(s, p) for s in info["stages"] if (p := loss_figure(s, figures)) is not None]
     if curves:
         doc.h(2, "Loss curves")
@@ -429,6 +432,25 @@ def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int 
     for ev in info["evals"]:
         _eval_sections(doc, ev, examples_per_task=examples_per_task, answer_chars=answer_chars)
     return doc
+
+
+def _label_section(doc: Doc, s: dict) -> None:
+    """Labelling statistics of a label stage (its export's stats.json, written by lmforge.label.export)."""
+    path = s["artifact"] / "stats.json"
+    sm = json.loads(path.read_text()) if path.is_file() else s["summary"]
+    ag, secs = sm.get("agreement") or {}, sm.get("seconds_per_judgment") or {}
+    doc.h(2, f"Labelling ({s['name']})")
+    doc.p(f"{sm.get('items_judged', 0)} of {sm.get('items', 0)} items judged in {sm.get('judgments', 0)} judgments; "
+          f"{_fmt(secs.get('mean'), 1)} s per judgment (median {_fmt(secs.get('median'), 1)}); ties and all-bad "
+          f"{_pct(sm.get('tie_share'))}%, flagged {_pct(sm.get('flagged_share'))}% ({sm.get('flags') or 'no flags'}); "
+          f"{sm.get('ideal_answers', 0)} ideal answers; exported rows {sm.get('rows', {})}.")
+    doc.table(["annotator", "judgments"], [[a, n] for a, n in (sm.get("judgments_per_annotator") or {}).items()])
+    doc.p(f"Agreement: {ag.get('method', 'Krippendorff alpha')} = {_fmt(ag.get('alpha'), 3)} over "
+          f"{ag.get('items_with_overlap', 0)} items judged by several annotators.")
+    if ag.get("pairs"):
+        doc.table(["annotators", "items", "response pairs", "agreement (%)", "alpha"],
+                  [[" & ".join(p["annotators"]), p["items"], p["units"], _fmt(p["percent_agreement"], 1),
+                    _fmt(p["alpha"], 3)] for p in ag["pairs"]])
 
 
 def _eval_sections(doc: Doc, ev: dict, *, examples_per_task: int, answer_chars: int) -> None:

@@ -68,6 +68,9 @@ class ServeConfig(Schema):
         description="Host header values accepted besides the bound address (and, on a loopback bind, localhost names); "
         "'*' accepts any. Checking Host stops a web page from reaching a local server by DNS rebinding.")
     access_log: bool = Field(False, description="Print one line per HTTP request.")
+    feedback: str | None = Field(
+        None, description="A label folder (lmforge label --out): POST /v1/feedback rates a recent chat completion by "
+        "id (good/bad, a correction) into its store, as KTO and SFT data (lmforge.label.feedback).")
 
     @field_validator("api_key")
     @classmethod
@@ -233,6 +236,12 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
     # streams, and a single worker keeps the tokenizer's special-token switch race-free.
     tokenise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-tokenise")
     created = int(time.time())
+    log = None
+    if cfg.feedback is not None:
+        from lmforge.label.feedback import CompletionLog
+        from lmforge.label.stage import open_store
+
+        log = CompletionLog(open_store(cfg.feedback), cfg.model)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -307,9 +316,14 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
         req = parse_request(decode_body(await read_body(request)), kind, limits)
         prompts = await asyncio.get_running_loop().run_in_executor(tokenise_pool, tokenise, req)
         params = fit_to_prompts(req, prompts, limits)
-        return await run_job(request, prompts, params, req.stream, render, req.usage)
+        done = None
+        if log is not None and req.messages is not None:  # remembered so that /v1/feedback can rate it
+            sampling = params.model_dump(mode="json")
+            done = lambda texts: log.remember(render.id, req.messages, texts, sampling)  # noqa: E731
+        return await run_job(request, prompts, params, req.stream, render, req.usage, done)
 
-    async def run_job(request: Request, prompts: list[list[int]], params: Any, stream: bool, render: Any, usage: bool):
+    async def run_job(request: Request, prompts: list[list[int]], params: Any, stream: bool, render: Any, usage: bool,
+                      on_done: Any = None):
         started = time.monotonic()
         await slots.acquire(cfg.request_timeout_s)
         job = Job(asyncio.get_running_loop(), prompts, params, stream, started + cfg.request_timeout_s)
@@ -327,7 +341,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
         n_choices = len(prompts) * params.n
         prompt_tokens = sum(len(p) for p in prompts)
         if stream:
-            return _job_stream(sse(job, n_choices, prompt_tokens, render, usage), close)
+            return _job_stream(sse(job, n_choices, prompt_tokens, render, usage, on_done), close)
         gone = asyncio.ensure_future(_until_disconnect(request.receive))
         try:
             texts, reasons, completion_tokens = [""] * n_choices, [None] * n_choices, [0] * n_choices
@@ -338,6 +352,8 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
                 _, index, text, reason, n_tokens = item
                 texts[index] += text
                 reasons[index], completion_tokens[index] = reason, n_tokens
+            if on_done is not None:
+                on_done(texts)
             return render.final(texts, reasons, prompt_tokens, sum(completion_tokens))
         finally:
             gone.cancel()
@@ -356,13 +372,14 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
         raise ApiError(504, f"The request did not finish within {cfg.request_timeout_s:g} s and was cancelled.",
                        None, "timeout", "timeout")
 
-    async def sse(job: Job, n_choices: int, prompt_tokens: int, render: Any, usage: bool) -> AsyncIterator[bytes]:
+    async def sse(job: Job, n_choices: int, prompt_tokens: int, render: Any, usage: bool,
+                  on_done: Any = None) -> AsyncIterator[bytes]:
         def event(obj: Any) -> bytes:
             return f"data: {json.dumps(obj)}\n\n".encode()
 
         for chunk in render.start(n_choices):
             yield event(chunk)
-        done, completion_tokens = 0, [0] * n_choices
+        done, completion_tokens, texts = 0, [0] * n_choices, [""] * n_choices
         while done < n_choices:
             try:
                 item = await next_event(job)
@@ -374,12 +391,15 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
                 break
             _, index, text, reason, n_tokens = item
             completion_tokens[index] = n_tokens
+            texts[index] += text
             if text:
                 yield event(render.delta(index, text, None))
             if reason is not None:
                 done += 1
                 yield event(render.delta(index, "", reason))
         else:
+            if on_done is not None:
+                on_done(texts)
             if usage:
                 yield event(render.usage(prompt_tokens, sum(completion_tokens)))
         yield b"data: [DONE]\n\n"
@@ -391,6 +411,20 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await handle(request, "completions", _CompletionRender(name))
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        if log is None:
+            raise ApiError(404, "This server takes no feedback; start it with feedback=<label folder>.")
+        body = decode_body(await read_body(request))
+        try:  # an fsync'd SQLite commit: off the event loop
+            jid = await asyncio.get_running_loop().run_in_executor(None, log.rate, body)
+        except LmforgeError as e:
+            raise ApiError(400, str(e)) from None
+        except KeyError:
+            raise ApiError(404, f"No recent chat completion has id {body.get('id')!r} and choice "
+                           f"{body.get('index', 0)}.", "id") from None
+        return {"object": "feedback", "id": body["id"], "judgment_id": jid}
 
     return app
 
