@@ -75,3 +75,71 @@ def test_no_base_folder_for_a_full_start_or_full_fine_tuning(tmp_path, base_dir)
     assert full.base_reused is None and lora.base_reused is None and not (rd.path / "base").exists()
     assert full.base_dir == start and lora.base_dir == base_dir
     assert full.trainable == full.total and 0 < lora.trainable < lora.total
+
+
+# ---------------------------------------------------------------- fields a stage cannot honour: refused, one sentence
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward", "sft"])
+def test_fsdp_is_refused_where_nothing_can_be_sharded(stage):
+    from lmforge.config import validate
+    from lmforge.errors import LmforgeError
+    from lmforge.pipeline import stage_module
+
+    config = stage_module(stage).Config
+    cfg = {"train": {"fsdp": True}, **({"adapter": {"method": "lora"}} if stage == "sft" else {})}
+    with pytest.raises(LmforgeError, match="train.fsdp"):
+        validate(config, cfg, where=stage)
+    if stage == "sft":
+        validate(config, {"train": {"fsdp": True}}, where=stage)  # full fine-tuning shards
+
+
+def test_eval_fields_without_validation_data_are_refused_not_ignored(tmp_path, base_dir):
+    """sft, reward, dpo and pretrain each name the field and why there is no validation loss;
+    the defaults (and eval_every 0) still train without evaluation."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.errors import LmforgeError
+    from lmforge.pipeline import run_single
+
+    from ..data.test_sft_data import arithmetic_rows, write_jsonl
+    from .conftest import pretrain_config, write_yaml
+
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", arithmetic_rows(False)[:40])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"}) + "\n"
+                             for i in range(16)))
+    train = {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "tensorboard": False, "threads": 1}
+
+    def run(stage, cfg, name):
+        return run_single(stage, str(write_yaml(tmp_path / f"{name}.yaml", cfg)), [], out=str(tmp_path / name),
+                          force=True, resume=False, echo=lambda *a: None)
+
+    base = {"sft": {"data": str(sft_rows), "val_fraction": 0.0},
+            "reward": {"data": str(pairs), "val_fraction": 0.0},
+            "dpo": {"data": str(pairs), "val_fraction": 0.0, "probe_prompts": 0}}
+    for stage, cfg in base.items():
+        with pytest.raises(LmforgeError, match=rf"^{stage}: train.early_stopping_patience 2, train.eval_every 5 "
+                           r"need a validation loss, and this run has no validation data \(.*\); give validation "
+                           "data or remove them.$"):
+            run(stage, {**cfg, "model": str(base_dir), "train": {**train, "early_stopping_patience": 2,
+                                                                   "eval_every": 5}}, f"{stage}-refused")
+        with pytest.raises(LmforgeError, match=rf"^{stage}: train.keep_best true need"):
+            run(stage, {**cfg, "model": str(base_dir), "train": {**train, "keep_best": True}}, f"{stage}-kb")
+        m = run(stage, {**cfg, "model": str(base_dir), "train": {**train, "eval_every": 0}}, f"{stage}-ok")
+        assert m["status"] == "complete" and m["summary"]["best_val_loss"] is None
+
+    # pretrain: a validation split shorter than one block
+    data = tmp_path / "curated"
+    data.mkdir()
+    pq.write_table(pa.table({"text": ["What is two plus two? Two plus two is four. " * 20] * 20}),
+                   data / "train-00000.parquet")
+    pq.write_table(pa.table({"text": ["Hi."]}), data / "validation-00000.parquet")
+    cfg = pretrain_config(data, base_dir, max_steps=1, eval_batches=2)
+    cfg["train"].pop("eval_every")
+    with pytest.raises(LmforgeError, match=r"^pretrain: train.eval_batches 2 need a validation loss, and this run has "
+                       r"no validation data \(its validation split holds \d+ tokens, not more than one block of 32\)"):
+        run("pretrain", cfg, "pretrain-refused")

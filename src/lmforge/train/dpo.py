@@ -111,6 +111,9 @@ class Config(DataFields):
         if self.adapter.method == "prefix":
             raise ValueError("prefix tuning adds key/value positions that packed preference batches cannot "
                              "share; use adapter.method lora, dora or qlora")
+        if self.train.fsdp:
+            raise ValueError("train.fsdp shards pretrain and full-fine-tuning sft only; dpo trains with DDP "
+                             "across processes: set train.fsdp: false")
         return self
 
     @property
@@ -356,6 +359,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     splits = load_splits(cfg, tokenizer, unit=unit, max_length=max_length, method=cfg.method)
     pad_id = tokenizer.pad_token_id
     data = PreferenceBatches(splits.train, unit=unit, seed=cfg.train.seed, pad_id=pad_id, layout=cfg.layout)
+    if splits.val is None:
+        policy.refuse_eval_without_validation(cfg.train, stage="dpo", why=f"val_data {cfg.val_data or 'unset'} "
+                                              f"and val_fraction {cfg.val_fraction} hold out no row")
     val = (PreferenceBatches(splits.val, unit=unit, seed=0, pad_id=pad_id, layout=cfg.layout, shuffle=False,
                              what="validation data") if splits.val is not None else None)
     if main:

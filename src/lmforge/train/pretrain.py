@@ -112,7 +112,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         eval_fn = make_eval(val_blocks, token_byte_lengths(tokenizer), batch_size=cfg.train.batch_size,
                             max_batches=cfg.train.eval_batches, device=acc.device)
     else:
-        print("pretrain: the validation split is shorter than one block; training without evaluation.")
+        why = f"its validation split holds {len(val_tokens)} tokens, not more than one block of {seq_len}"
+        policy.refuse_eval_without_validation(cfg.train, stage="pretrain", why=why)
+        print(f"pretrain: {why}; training without evaluation.")
 
     result = train(model, cfg=cfg.train, rd=rd, data=train_blocks, loss_fn=causal_lm_loss, eval_fn=eval_fn,
                    resume=resume, label="pretrain", accelerator=acc, shardable=True)

@@ -56,6 +56,9 @@ class Config(DataFields):
     def _no_prefix(self) -> "Config":
         if self.adapter.method == "prefix":
             raise ValueError("prefix tuning is not supported for reward models; use adapter.method lora, dora or qlora")
+        if self.train.fsdp:
+            raise ValueError("train.fsdp shards pretrain and full-fine-tuning sft only; reward trains with DDP "
+                             "across processes: set train.fsdp: false")
         return self
 
 
@@ -156,6 +159,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     splits = load_splits(cfg, tokenizer, unit="pairs", max_length=max_length, method="reward")
     pad_id = tokenizer.pad_token_id
     data = PreferenceBatches(splits.train, unit="pairs", seed=cfg.train.seed, pad_id=pad_id, layout=cfg.layout)
+    if splits.val is None:
+        policy.refuse_eval_without_validation(cfg.train, stage="reward", why=f"val_data {cfg.val_data or 'unset'} "
+                                              f"and val_fraction {cfg.val_fraction} hold out no row")
     val = (PreferenceBatches(splits.val, unit="pairs", seed=0, pad_id=pad_id, layout=cfg.layout, shuffle=False,
                              what="validation data") if splits.val is not None else None)
     if main:

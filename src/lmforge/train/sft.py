@@ -102,6 +102,9 @@ class Config(Schema):
                              "ignores position ids, so packed examples would see each other); use group or pad")
         if self.merge and self.adapter.method in ("none", "prefix"):
             raise ValueError(f"merge needs a LoRA-type adapter (lora, dora, qlora), not method {self.adapter.method}")
+        if self.train.fsdp and self.adapter.enabled:
+            raise ValueError("train.fsdp shards full fine-tuning only (an adapter is too small to shard, and its frozen "
+                             "base is not sharded); set train.fsdp: false or adapter.method: none")
         return self
 
 
@@ -268,12 +271,17 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         except LmforgeError as e:
             if "hold no usable example" not in str(e) or cfg.validation:
                 raise
-            say("sft: the held-out validation share holds no example; training without evaluation.")
+            why = f"the held-out share (val_fraction {cfg.val_fraction}) holds no example"
+            policy.refuse_eval_without_validation(cfg.train, stage="sft", why=why)
+            say(f"sft: {why}; training without evaluation.")
         else:
             summary.update(_data_report("val", val_ex, val_stats))
             val = LengthBatches(val_ex, batch_size=cfg.train.batch_size, seed=0, pad_id=tokenizer.pad_token_id,
                                 grouped=True, shuffle=False)
             eval_fn = make_eval(val, batch_size=cfg.train.batch_size, max_batches=cfg.train.eval_batches)
+
+    if val_spec is None:
+        policy.refuse_eval_without_validation(cfg.train, stage="sft", why="no validation rows and val_fraction 0")
 
     # 2. Model: full fine-tuning, or a fresh adapter on the frozen base.
     sharded = cfg.train.fsdp and acc.num_processes > 1
