@@ -27,11 +27,19 @@ def chunk_spans(text: str, tokenizer: Any, *, chunk_tokens: int, overlap: int) -
     The last window ends at the last token (it may be shorter); a text of n <= chunk_tokens
     tokens is one chunk.
     """
-    if not 0 <= overlap < chunk_tokens:
-        raise LmforgeError(f"chunk overlap {overlap} must be at least 0 and smaller than chunk_tokens {chunk_tokens}.")
+    return windows(token_offsets([text], tokenizer)[0], chunk_tokens=chunk_tokens, overlap=overlap)
+
+
+def token_offsets(texts: list[str], tokenizer: Any) -> list[list[tuple[int, int]]]:
+    """Each text's token character offsets (one batched call: the tokenizer's Rust side does the work)."""
     if not getattr(tokenizer, "is_fast", False):
         raise LmforgeError("Chunking needs a fast (Rust) tokenizer for character offsets; this tokenizer is not one.")
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+
+def windows(offsets: list[tuple[int, int]], *, chunk_tokens: int, overlap: int) -> list[Span]:
+    if not 0 <= overlap < chunk_tokens:
+        raise LmforgeError(f"chunk overlap {overlap} must be at least 0 and smaller than chunk_tokens {chunk_tokens}.")
     n = len(offsets)
     step = chunk_tokens - overlap
     spans: list[Span] = []

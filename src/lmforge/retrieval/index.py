@@ -31,7 +31,7 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.retrieval import lexical
-from lmforge.retrieval.chunking import chunk_spans
+from lmforge.retrieval.chunking import token_offsets, windows
 from lmforge.retrieval.dense import DenseStore, Embedder, load_embedder
 from lmforge.retrieval.documents import Document
 from lmforge.retrieval.fusion import reciprocal_rank_fusion
@@ -95,11 +95,18 @@ def chunk_id(doc: Document, ordinal: int) -> int:
     return int.from_bytes(h[:8], "big") >> 1  # FAISS ids are signed 64-bit
 
 
-def chunk_document(doc: Document, tokenizer: Any, *, chunk_tokens: int, overlap: int) -> list[Chunk]:
-    spans = chunk_spans(doc.text, tokenizer, chunk_tokens=chunk_tokens, overlap=overlap)
-    texts = [doc.text[s.start:s.end] for s in spans]
-    return [Chunk(chunk_id(doc, i), doc.key, i, t, s.n_tokens, tl)
-            for i, (s, t, tl) in enumerate(zip(spans, texts, lexical.terms(texts)))]
+def chunk_documents(docs: list[Document], tokenizer: Any, *, chunk_tokens: int, overlap: int,
+                    batch: int = 256) -> list[list[Chunk]]:
+    """Each document's chunks; tokenised and given BM25 terms in batches (one call per batch)."""
+    out: list[list[Chunk]] = []
+    for start in range(0, len(docs), batch):
+        part = docs[start:start + batch]
+        spans = [windows(o, chunk_tokens=chunk_tokens, overlap=overlap) for o in token_offsets([d.text for d in part], tokenizer)]
+        texts = [[d.text[s.start:s.end] for s in sp] for d, sp in zip(part, spans)]
+        flat_terms = iter(lexical.terms([t for ts in texts for t in ts]))
+        out += [[Chunk(chunk_id(d, i), d.key, i, t, s.n_tokens, next(flat_terms)) for i, (s, t) in enumerate(zip(sp, ts))]
+                for d, sp, ts in zip(part, spans, texts)]
+    return out
 
 
 class Index:
@@ -228,21 +235,15 @@ def sync(folder: str | Path, docs: list[Document], tokenizer: Any, tokenizer_sou
     for c in old_chunks:
         by_doc.setdefault(c.doc, []).append(c)
     old_sha = {k: v[0].id for k, v in by_doc.items()}  # any chunk id encodes its document's sha
-    chunks: list[Chunk] = []
-    fresh: list[Chunk] = []
-    for d in docs:
-        kept = by_doc.get(d.key)
-        if kept and old_sha[d.key] == chunk_id(d, 0):
-            chunks += kept
-            report.unchanged += 1
-            continue
-        new = chunk_document(d, tokenizer, chunk_tokens=chunk_tokens, overlap=overlap)
-        chunks += new
-        fresh += new
-        if kept:
-            report.changed += 1
-        else:
-            report.added += 1
+    unchanged = {d.key for d in docs if d.key in by_doc and old_sha[d.key] == chunk_id(d, 0)}
+    new_docs = [d for d in docs if d.key not in unchanged]
+    made = dict(zip((d.key for d in new_docs),
+                    chunk_documents(new_docs, tokenizer, chunk_tokens=chunk_tokens, overlap=overlap)))
+    chunks = [c for d in docs for c in (by_doc[d.key] if d.key in unchanged else made[d.key])]
+    fresh = [c for cs in made.values() for c in cs]
+    report.unchanged = len(unchanged)
+    report.changed = sum(d.key in by_doc for d in new_docs)
+    report.added = len(new_docs) - report.changed
     report.removed = len(set(by_doc) - {d.key for d in docs})
     report.chunks = len(chunks)
     report.chunks_embedded = len(fresh) if embedder else 0
