@@ -13,7 +13,8 @@ Measured, on the same chunk texts and queries:
              bm25s index, Parquet chunk table, atomic folder)  vs  bm25s bare (tokenize + index
              of the chunk texts lmforge produced: chunking is lmforge's addition, so it is timed
              inside the lmforge figure only)
-    update   sync with 1% more documents (only they are chunked) vs the full build
+    update   sync with 1% more documents (only they are chunked; BM25's matrices are re-derived from the
+             stored terms, since every IDF changes, so on a BM25-only index that build dominates)
     BM25 query   `Index.search(mode="bm25")`  vs  bm25s bare (tokenize the query, score, top-k)
     dense query  `DenseStore.search` through `Index.search(mode="dense")` (a stub embedder returns
                  a fixed random vector, so the embedding model's cost is excluded)  vs  FAISS bare
@@ -131,7 +132,9 @@ def main() -> None:
         def bm25s_bare(q):
             import bm25s
 
-            return bare.retrieve(bm25s.tokenize([q], stopwords="en", show_progress=False), k=10, show_progress=False)
+            # strings, not bm25s.tokenize's ids: those are numbered in the query's own vocabulary
+            return bare.retrieve(bm25s.tokenize([q], stopwords="en", return_ids=False, show_progress=False), k=10,
+                                 show_progress=False)
 
         lib_q = timed(bm25s_bare, queries)
         print(f"BM25 query (k=10, {len(queries)} queries)  lmforge p50 {pct(lm_q, 50):.2f} ms p99 {pct(lm_q, 99):.2f} ms | "

@@ -54,8 +54,11 @@ def update_params(params: SamplingParams, assignments: list[str]) -> SamplingPar
 class ChatSession:
     """The conversation and its parameters; `reply()` streams the model's next turn."""
 
-    def __init__(self, model: Any, tokenizer: Any, params: SamplingParams, system: str | None = None):
+    def __init__(self, model: Any, tokenizer: Any, params: SamplingParams, system: str | None = None,
+                 retriever: Any = None):
         self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
+        self.retriever = retriever  # retrieval.augment.Retriever: passages go into the newest user turn only
+        self.passages: list[dict] = []  # those used for the last reply
         self.history: list[dict] = []
         self.context = context_length(model)
         self.feedback: Any = None  # a lmforge.label Store: /good, /bad and /fix write into it
@@ -72,6 +75,11 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         for start in range(0, len(self.history) + 1, 2):
             msgs = head + self.history[start:] + [{"role": "user", "content": user}]
+            if self.retriever is not None:
+                from lmforge.retrieval.augment import passages_json
+
+                fitted = self.retriever.augment(msgs, self.tokenizer, budget=(self.context or 1 << 30) - self.params.max_new_tokens)
+                msgs, self.passages = fitted.messages, passages_json(fitted)["passages"]
             ids = encode(self.tokenizer, msgs, add_generation_prompt=True)
             if self.context is None or len(ids) + self.params.max_new_tokens <= self.context:
                 return ids, start
@@ -97,6 +105,8 @@ class ChatSession:
             write(" [stopped]")
         self.last = (self.messages() + [{"role": "user", "content": user}], answer)
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        for p in self.passages if self.retriever is not None else ():
+            write(f"\n  [{p['id']}] {p['source']} (chunk {p['ordinal']})")
         return answer
 
     def rate(self, cmd: str, text: str) -> str:
@@ -169,7 +179,7 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextI
 
 
 def chat(model_path: str, params: SamplingParams, *, system: str | None = None, device: str | None = None,
-         dtype: str | None = None, feedback: str | None = None) -> None:
+         dtype: str | None = None, feedback: str | None = None, retrieval: Any = None) -> None:
     """`lmforge chat`: load the model and run the REPL on the terminal."""
     if params.n != 1:
         raise LmforgeError("the chat shows one reply at a time, so n must be 1.")
@@ -178,7 +188,12 @@ def chat(model_path: str, params: SamplingParams, *, system: str | None = None, 
     except ImportError:
         pass
     model, tokenizer = load_model_for_inference(model_path, device=device, dtype=dtype)
-    session = ChatSession(model, tokenizer, params, system=system)
+    retriever = None
+    if retrieval is not None:  # a RetrievalConfig
+        from lmforge.retrieval.augment import open_retriever
+
+        retriever = open_retriever(retrieval, tokenizer, model_path)
+    session = ChatSession(model, tokenizer, params, system=system, retriever=retriever)
     if feedback is not None:
         from lmforge.label.stage import open_store
 

@@ -218,6 +218,8 @@ def generate_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Completions decoded together."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    index: Optional[str] = typer.Option(None, "--index", help="Retrieval index folder (lmforge index): the top passages go into each prompt's context section."),
+    k: int = typer.Option(4, "--k", help="Passages retrieved per prompt (with --index)."),
 ) -> None:
     """Complete every prompt of a file with a model; write prompts, completions, token counts and finish reasons as JSONL."""
     from lmforge.generation import generate_file, sampling_params
@@ -227,11 +229,22 @@ def generate_cmd(
 
     params = sampling_params(overrides or [], temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              n=n, seed=seed)
-    s = generate_file(model, prompts, out, params, chat=chat, max_batch=batch_size, device=device, dtype=dtype)
+    s = generate_file(model, prompts, out, params, chat=chat, max_batch=batch_size, device=device, dtype=dtype,
+                      retrieval=_retrieval(index, k))
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["finish_reasons"].items()))
     skipped = f"; skipped {s['skipped_blank_lines']} blank line(s)" if s["skipped_blank_lines"] else ""
     print(f"wrote {s['completions']} completions of {s['prompts']} prompts to {s['out']} ({s['completion_tokens']} tokens, "
           f"{s['tokens_per_s']:.0f} tokens/s; finish reasons: {reasons}{skipped})", file=sys.stderr)
+
+
+def _retrieval(index: Optional[str], k: int):
+    """--index/--k as the shared RetrievalConfig (None without --index)."""
+    if index is None:
+        return None
+    from lmforge.config import validate
+    from lmforge.retrieval.augment import RetrievalConfig
+
+    return validate(RetrievalConfig, {"index": index, "k": k}, where="--index/--k")
 
 
 @app.command("chat")
@@ -246,6 +259,8 @@ def chat_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     feedback: Optional[str] = typer.Option(None, "--feedback", help="A label folder (lmforge label --out): /good, /bad and /fix store ratings there as KTO and SFT data."),
+    index: Optional[str] = typer.Option(None, "--index", help="Retrieval index folder (lmforge index): each message gets the top passages, and the reply lists their sources."),
+    k: int = typer.Option(4, "--k", help="Passages retrieved per message (with --index)."),
 ) -> None:
     """Chat with a model in the terminal: streamed replies, /reset, /params temperature=0.2, /good, /bad, /fix, /help."""
     from lmforge.chat import chat
@@ -253,7 +268,7 @@ def chat_cmd(
 
     params = sampling_params(overrides or [], temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              seed=seed)
-    chat(model, params, system=system, device=device, dtype=dtype, feedback=feedback)
+    chat(model, params, system=system, device=device, dtype=dtype, feedback=feedback, retrieval=_retrieval(index, k))
 
 
 @app.command("serve")
@@ -269,13 +284,15 @@ def serve_cmd(
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds before an unfinished request is cancelled."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    index: Optional[List[str]] = typer.Option(None, "--index", help="Retrieval index for chat requests: DIR (named default) or NAME=DIR, repeatable; a request picks one with its `index` field."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
     from lmforge.config import apply_overrides, validate
     from lmforge.serve import ServeConfig, serve
 
     data = {"model": model, "host": host, "port": port, "served_name": name, "api_key": api_key,
-            "api_key_file": api_key_file, "max_concurrent": max_concurrent, "request_timeout_s": timeout, "device": device, "dtype": dtype}
+            "api_key_file": api_key_file, "max_concurrent": max_concurrent, "request_timeout_s": timeout, "device": device, "dtype": dtype,
+            "indexes": dict(x.split("=", 1) if "=" in x else ("default", x) for x in index or [])}
     serve(validate(ServeConfig, apply_overrides(data, overrides or []), where="serve options"))
 
 

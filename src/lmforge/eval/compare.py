@@ -205,7 +205,7 @@ def _train_arms(cfg: Config, rd: RunDir, pool: list[Question], retriever, tok, r
         reply = {"role": "assistant", "content": _reply(q, cfg.abstain_text)}
         rows.append({"messages": [*turn, reply]})
         if cfg.sft_with_context:
-            fitted = retriever.augment(turn, tok, rend, budget=budget - 16)
+            fitted = retriever.augment(turn, tok, budget=budget - 16)
             rows.append({"messages": [*fitted.messages, reply]})
     data = rd.path / "work" / "sft_rows.jsonl"
     atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -226,7 +226,7 @@ def _arm_prompts(arm: str, qs: list[Question], shots: list[dict], retriever, tok
     for q in qs:
         turn = [{"role": "user", "content": q.question}]
         if arm in ("rag", "sft_rag"):
-            f = retriever.augment(turn, tok, rend, budget=budget)
+            f = retriever.augment(turn, tok, budget=budget)
             msgs, truncated, dropped = f.messages, truncated + f.truncated, dropped + f.dropped
         else:
             msgs = [*shots, *turn] if arm == "few_shot" else turn

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import LmforgeError
 from lmforge.generation.api import encode_prompts
@@ -64,12 +65,13 @@ def read_prompts(path: str | Path, *, chat: bool) -> tuple[list[dict], int]:
 
 def generate_file(model_path: str | Path, prompts_path: str | Path, out_path: str | Path | None,
                   params: SamplingParams, *, chat: bool = False, max_batch: int = 32, device: str | None = None,
-                  dtype: str | None = None) -> dict:
+                  dtype: str | None = None, retrieval: Any = None) -> dict:
     """`lmforge generate`: complete every prompt of a file and write the results as JSONL.
 
     One output line per completion: index (prompt line order), sample (0..n-1), id (if the
     input had one), prompt, completion, prompt_tokens, completion_tokens, finish_reason.
-    Returns a summary (counts, tokens/s, finish reasons).
+    Returns a summary (counts, tokens/s, finish reasons). With `retrieval` (a RetrievalConfig),
+    each prompt gets the top passages in its context section and each line a `retrieval` field.
     """
     import sys
     import time
@@ -82,13 +84,16 @@ def generate_file(model_path: str | Path, prompts_path: str | Path, out_path: st
     out = Path(out_path) if out_path else Path(prompts_path).with_suffix(".completions.jsonl")
     model, tokenizer = load_model_for_inference(model_path, device=device, dtype=dtype)
     engine = Engine(model, tokenizer, max_batch=max_batch)
+    retriever = _retriever(retrieval, tokenizer, str(model_path))
     rows: list[Row] = []
     for i, rec in enumerate(records):
         where = f"line {rec['line']} of {prompts_path}"
+        if retriever is not None:
+            rec.update(_with_passages(rec, retriever, tokenizer, model, params))
         if rec["messages"] is not None:
             ids = encode_chat(tokenizer, rec["messages"], add_generation_prompt=True)
         else:
-            ids = encode_prompts(tokenizer, [rec["prompt"]])[0]
+            ids = encode_prompts(tokenizer, [rec.get("prompt_text") or rec["prompt"]])[0]
         rows += engine.add(ids, params, tag=i, seed_stream=i * params.n, where=where)
     t0, done = time.time(), 0
     with Progress("generate", total=len(rows), every=max(1, len(rows) // 10), stream=sys.stderr) as bar:
@@ -104,10 +109,29 @@ def generate_file(model_path: str | Path, prompts_path: str | Path, out_path: st
         reasons[c.finish_reason] = reasons.get(c.finish_reason, 0) + 1
         line = {"index": r.tag, "sample": c.sample_index, **({"id": rec["id"]} if rec["id"] is not None else {}),
                 "prompt": rec["prompt"], "completion": c.text, "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
+                "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+                **({"retrieval": rec["retrieval"]} if "retrieval" in rec else {})}
         lines.append(json.dumps(line, ensure_ascii=False) + "\n")
     atomic_write_text(out, "".join(lines))
     tokens = sum(len(r.token_ids) for r in rows)
     return {"prompts": len(records), "completions": len(rows), "skipped_blank_lines": skipped,
             "completion_tokens": tokens, "tokens_per_s": tokens / max(wall, 1e-9), "finish_reasons": reasons,
             "out": str(out)}
+
+
+
+def _retriever(retrieval: Any, tokenizer: Any, model_path: str) -> Any:
+    from lmforge.retrieval.augment import open_retriever
+
+    return None if retrieval is None else open_retriever(retrieval, tokenizer, model_path)
+
+
+def _with_passages(rec: dict, retriever: Any, tokenizer: Any, model: Any, params: SamplingParams) -> dict:
+    """The record's prompt with retrieved passages (retrieval.augment), and what was used."""
+    from lmforge.retrieval.augment import passages_json, prompt_budget
+
+    chat = rec["messages"] is not None
+    f = retriever.augment(rec["messages"] if chat else [{"role": "user", "content": rec["prompt"]}], tokenizer,
+                          budget=prompt_budget(model, params.max_new_tokens), chat=chat)
+    return {"messages": f.messages if chat else None, "prompt_text": None if chat else f.messages[-1]["content"],
+            "retrieval": passages_json(f)}

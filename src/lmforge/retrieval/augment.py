@@ -1,9 +1,16 @@
 """Retrieval-augmented prompts: the `retrieval:` settings that generate, chat, serve, eval and
-compare share, and the one function that turns a conversation into an augmented prompt."""
+compare share, and the one function that turns a conversation into an augmented prompt.
+
+    retriever = open_retriever(RetrievalConfig(index="runs/x/index"), tokenizer, model_path)
+    fitted = retriever.augment(messages, tokenizer, budget=context - max_new_tokens)
+    fitted.messages            # the conversation with the context section in its last user turn
+    passages_json(fitted)      # [{"id": 1, "chunk_id", "source", "ordinal", "text", "score"}, ...]
+
+`chat=False` is for plain (non-chat) prompts: the prompt is the context section's text itself.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,15 +36,38 @@ class Retriever:
     cfg: RetrievalConfig
     index: Index
 
-    def augment(self, messages: list[dict], tokenizer: Any, render: Callable[[list[dict]], str], *,
-                budget: int) -> Fitted:
+    def augment(self, messages: list[dict], tokenizer: Any, *, budget: int, chat: bool = True) -> Fitted:
         """Search with the last user turn, then fit the best passages into `budget` prompt tokens."""
+        from lmforge.data.chat import render
+
+        def rendered(m: list[dict]) -> str:
+            return render(tokenizer, m, add_generation_prompt=True) if chat else m[-1]["content"]
+
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        passages = self.index.search(query, self.cfg.k, mode=self.cfg.mode) if query else []
-        return fit_passages(messages, passages, tokenizer, render, budget=budget, instruction=self.cfg.instruction)
+        passages = self.index.search(query, self.cfg.k, mode=self.cfg.mode) if query.strip() else []
+        return fit_passages(messages, passages, tokenizer, rendered, budget=budget, instruction=self.cfg.instruction)
 
 
 def open_retriever(cfg: RetrievalConfig, tokenizer: Any, tokenizer_source: str) -> Retriever:
     """The index, checked against the tokenizer of the model that will read its passages."""
     return Retriever(cfg, open_index(cfg.index, tokenizer=tokenizer, tokenizer_source=tokenizer_source,
-                                      embedding_model=cfg.embedding_model))
+                                     embedding_model=cfg.embedding_model))
+
+
+def open_retrievers(indexes: dict[str, str], k: int, tokenizer: Any, tokenizer_source: str) -> dict[str, Retriever]:
+    """{name: Retriever} for the server's `indexes`, each checked against the served model's tokenizer."""
+    return {name: open_retriever(RetrievalConfig(index=path, k=k), tokenizer, tokenizer_source)
+            for name, path in indexes.items()}
+
+
+def passages_json(fitted: Fitted) -> dict:
+    """What a response carries about retrieval: the passages used, numbered as in the prompt."""
+    return {"passages": [{"id": i, **p.as_dict()} for i, p in enumerate(fitted.passages, 1)],
+            "passages_truncated": fitted.truncated, "passages_dropped": fitted.dropped}
+
+
+def prompt_budget(model: Any, max_new_tokens: int) -> int:
+    """Prompt tokens that leave room for the answer in the model's window."""
+    from lmforge.models import context_length
+
+    return max(1, context_length(model) - max_new_tokens)

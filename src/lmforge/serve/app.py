@@ -7,6 +7,7 @@ Request validation lives in `requests.py` (pure functions), the model thread and
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at
 # definition time, and `Request` is imported inside create_app (fastapi is an optional extra).
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -23,6 +24,7 @@ from lmforge.config import Schema
 from lmforge.data.chat import encode as encode_chat
 from lmforge.errors import LmforgeError
 from lmforge.generation import Engine, encode_prompts, load_model_for_inference
+from lmforge.retrieval.augment import open_retrievers, passages_json
 from lmforge.serve.requests import ApiError, Limits, Parsed, decode_body, fit_to_prompts, parse_request
 from lmforge.serve.scheduler import Job, Scheduler, Slots
 
@@ -71,6 +73,11 @@ class ServeConfig(Schema):
     feedback: str | None = Field(
         None, description="A label folder (lmforge label --out): POST /v1/feedback rates a recent chat completion by "
         "id (good/bad, a correction) into its store, as KTO and SFT data (lmforge.label.feedback).")
+    indexes: dict[str, str] = Field(
+        default_factory=dict, description="Retrieval indexes {name: folder} (lmforge index). A chat request names one "
+        "in its `index` field (else the one called `default`, or the only one is used); the top passages go into its "
+        "last user turn and the response's `retrieval` field lists them.")
+    retrieval_k: int = Field(4, ge=1, description="Passages retrieved per chat request.")
 
     @field_validator("api_key")
     @classmethod
@@ -230,6 +237,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
     api_key = resolve_api_key(cfg)
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch)
     limits = limits_for(cfg, engine, tokenizer, name)
+    retrievers = open_retrievers(cfg.indexes, cfg.retrieval_k, tokenizer, cfg.model)
     scheduler = Scheduler(engine)
     slots = Slots(cfg.max_concurrent, cfg.max_queue)
     # One thread tokenises, off the event loop: a long prompt must not stall /health or other
@@ -312,8 +320,26 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None):
                                "messages") from None
         return encode_prompts(tokenizer, req.prompts)
 
+    def retrieve(req: Parsed) -> Parsed:
+        """The request with the passages of its index in its last user turn (chat only)."""
+        name = req.index or ("default" if "default" in retrievers else next(iter(retrievers), None)
+                             if len(retrievers) == 1 else None)
+        if req.index is not None and req.index not in retrievers:
+            raise ApiError(404, f"The index {req.index!r} is not loaded; this server has "
+                           f"{', '.join(map(repr, retrievers)) or 'none'} (lmforge serve --index NAME=DIR).",
+                           "index", "index_not_found")
+        if name is None or req.messages is None:
+            return req
+        reserve = req.params.max_new_tokens if req.max_given else min(req.params.max_new_tokens, limits.max_prompt // 4)
+        fitted = retrievers[name].augment(req.messages, tokenizer, budget=max(1, min(limits.max_prompt, (
+            limits.context or 1 << 30) - reserve)))
+        return dataclasses.replace(req, messages=fitted.messages, retrieval={"index": name, **passages_json(fitted)})
+
     async def handle(request: Request, kind: str, render: Any):
         req = parse_request(decode_body(await read_body(request)), kind, limits)
+        if req.messages is not None and (retrievers or req.index is not None):  # CPU work: off the event loop
+            req = await asyncio.get_running_loop().run_in_executor(tokenise_pool, retrieve, req)
+            render.extra = {"retrieval": req.retrieval} if req.retrieval else {}
         prompts = await asyncio.get_running_loop().run_in_executor(tokenise_pool, tokenise, req)
         params = fit_to_prompts(req, prompts, limits)
         done = None
@@ -434,6 +460,7 @@ class _ChatRender:
 
     def __init__(self, model: str):
         self.model, self.id, self.created = model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.extra: dict = {}  # extension fields (retrieval) on the first chunk and the final object
 
     def _chunk(self, choices: list, **extra: Any) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -441,7 +468,7 @@ class _ChatRender:
 
     def start(self, n: int) -> list[dict]:
         return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for i in range(n)]
+                              "finish_reason": None}], **(self.extra if i == 0 else {})) for i in range(n)]
 
     def delta(self, index: int, text: str, reason: str | None) -> dict:
         return self._chunk([{"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
@@ -454,7 +481,7 @@ class _ChatRender:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                              "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))],
-                "usage": _usage(prompt, completion)}
+                "usage": _usage(prompt, completion), **self.extra}
 
 
 class _CompletionRender:

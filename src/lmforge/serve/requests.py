@@ -101,6 +101,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     parallel_tool_calls: bool | None = None
+    index: str | None = None  # extension: the retrieval index to answer from (`lmforge serve --index NAME=DIR`)
 
 
 class CompletionRequest(_Sampling):
@@ -130,6 +131,8 @@ class Parsed:
     max_given: bool  # False: max_new_tokens is the default, lowered to fit the context
     stream: bool
     usage: bool  # stream_options.include_usage
+    index: str | None = None  # chat: the retrieval index the request names
+    retrieval: dict | None = None  # set by the server: the passages put into the prompt
 
     @property
     def prompt_param(self) -> str:
@@ -258,7 +261,7 @@ def parse_request(data: dict, kind: Literal["chat", "completions"], limits: Limi
             values[target] = v
     params = _sampling_params(values, max_param, given is not None)
     return Parsed(kind, messages, prompts, params, max_param, given is not None, req.stream,
-                  bool(req.stream_options and req.stream_options.include_usage))
+                  bool(req.stream_options and req.stream_options.include_usage), getattr(req, "index", None))
 
 
 def _cheap_length_check(where: str, chars: int, limits: Limits) -> None:
