@@ -51,6 +51,10 @@ from lmforge.rundir import RunDir, atomic_write_json, atomic_write_text, read_ma
 ARTIFACT = "compare"
 PROVIDES = ("compare",)
 INPUTS = {"documents": None, "questions": None, "train_questions": None, "model": "model", "embedding_model": None}
+# A fresh start keeps work/: each arm's sub-stage there has its own manifest and input hash, so the
+# pipeline runner re-runs exactly the arms whose inputs changed (a new question set retrains nothing
+# it does not have to).
+KEEP = ("work",)
 Arm = Literal["zero_shot", "few_shot", "rag", "sft", "cpt_sft", "sft_rag"]
 ARMS: tuple[str, ...] = ("zero_shot", "few_shot", "rag", "sft", "cpt_sft", "sft_rag")
 TRAINED = {"sft": "sft", "sft_rag": "sft", "cpt_sft": "cpt_sft"}  # arm -> the sub-stage whose model it uses

@@ -30,6 +30,10 @@ from lmforge.rundir import RunDir, atomic_write_json
 ARTIFACT = "index"
 PROVIDES = ("index",)
 INPUTS = {"documents": None, "tokenizer": "tokenizer", "embedding_model": None, "questions": None}
+# A fresh start keeps the index: `sync` reuses only what was built the same way (tokenizer, embedding
+# model, chunking and BM25 settings, each document's sha256) and rebuilds the rest, so an update
+# never re-chunks or re-embeds an unchanged document.
+KEEP = ("index",)
 
 
 class Config(Schema):
