@@ -63,14 +63,13 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lmforge.config import Schema, load_yaml, validate
-from lmforge.data.chat import render
+from lmforge.data.chat import encode as encode_chat
 from lmforge.data.formats import OnBadRows, ReadStats
 from lmforge.data.preference import read_prompt_rows
 from lmforge.errors import LmforgeError
 from lmforge.generation import (
     SamplingParams,
     context_length,
-    encode_prompts,
     generate,
     load_model_for_inference,
 )
@@ -201,8 +200,7 @@ class Chat:
 
     def complete(self, convs: list[list[dict]], params: SamplingParams) -> list[Any]:
         """params.n Completions per conversation (a list), or None for one too long for the context."""
-        texts = [render(self.tokenizer, c, add_generation_prompt=True) for c in convs]
-        ids = encode_prompts(self.tokenizer, texts, add_special_tokens=False)
+        ids = [encode_chat(self.tokenizer, c, add_generation_prompt=True) for c in convs]  # typed markers stay text
         ctx = context_length(self.model)
         ok = [i for i, x in enumerate(ids) if ctx is None or len(x) + params.max_new_tokens <= ctx]
         self.too_long += len(ids) - len(ok)

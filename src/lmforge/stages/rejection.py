@@ -31,11 +31,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lmforge.config import Schema
-from lmforge.data.chat import render
+from lmforge.data.chat import encode as encode_chat
 from lmforge.data.formats import OnBadRows, ReadStats
 from lmforge.data.preference import read_prompt_rows
 from lmforge.errors import LmforgeError
-from lmforge.generation import Engine, SamplingParams, encode_prompts, load_model_for_inference
+from lmforge.generation import Engine, SamplingParams, load_model_for_inference
 from lmforge.progress import Progress
 from lmforge.rundir import RunDir, atomic_write_json, staged_dir
 from lmforge.scoring import call_score_fn, load_reward_model, load_score_fn
@@ -78,8 +78,7 @@ def sample(engine: Engine, tokenizer, prompts: list[list[dict]], params: Samplin
            prog: Progress, done: list[int]) -> list[list]:
     """n completions of each prompt; prompt i (global index first + i) uses seed streams (first + i) * n + j,
     so the samples do not depend on chunking or batching."""
-    texts = [render(tokenizer, p, add_generation_prompt=True) for p in prompts]
-    ids = encode_prompts(tokenizer, texts, add_special_tokens=False)
+    ids = [encode_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]  # typed markers stay text
     rows = []
     for i, x in enumerate(ids):
         rows.append(engine.add(x, params, tag=i, seed_stream=(first + i) * params.n, where=f"prompt {first + i}"))

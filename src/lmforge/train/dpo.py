@@ -296,7 +296,7 @@ def compute_reference(net: ResponseLogProbs, data: PreferenceSet, *, layout: str
 
 
 def make_eval(cfg: Config, val: PreferenceBatches, lm, tokenizer, rd: RunDir, device):
-    from lmforge.data.chat import render
+    from lmforge.data.chat import encode as encode_chat
     from lmforge.generation import SamplingParams, generate
 
     limit = cfg.train.batch_size * cfg.train.eval_batches
@@ -325,7 +325,7 @@ def make_eval(cfg: Config, val: PreferenceBatches, lm, tokenizer, rd: RunDir, de
         if top1[1]:
             rec["val_top1_chosen"] = top1[0] / top1[1]  # share of chosen tokens that are the argmax
         if probes:
-            prompts = [render(tokenizer, ex["prompt"], add_generation_prompt=True) for ex in probes]
+            prompts = [encode_chat(tokenizer, ex["prompt"], add_generation_prompt=True) for ex in probes]
             params = SamplingParams(temperature=0.0, max_new_tokens=cfg.probe_max_new_tokens)
             outs = generate(lm, tokenizer, prompts, params, add_special_tokens=False)
             hit_c = hit_r = 0

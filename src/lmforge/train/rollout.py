@@ -46,11 +46,11 @@ from pydantic import Field, field_validator, model_validator
 from lmforge import losses as L
 from lmforge.adapters import AdapterConfig, trainable_report
 from lmforge.config import Schema, TrainConfig
-from lmforge.data.chat import render
+from lmforge.data.chat import encode as encode_chat
 from lmforge.data.formats import OnBadRows, ReadStats
 from lmforge.data.preference import read_prompt_rows
 from lmforge.errors import LmforgeError, StopRun
-from lmforge.generation import Completion, SamplingParams, encode_prompts, generate
+from lmforge.generation import Completion, SamplingParams, generate
 from lmforge.models import cache_kwarg, context_length, output_cache
 from lmforge.rewards import Rewards, RewardSpec
 from lmforge.rundir import RunDir, atomic_write_text
@@ -348,8 +348,7 @@ def load_prompts(cfg: RLFields, tokenizer, context: int, *, stage: str) -> Promp
         skipped = f" ({stats.total_skipped} bad rows skipped)" if stats.total_skipped else ""
         raise LmforgeError(f"{stage}: prompts {names} hold no prompt rows{skipped}; add rows with a 'prompt' or "
                            "'messages'.")
-    texts = [render(tokenizer, t, add_generation_prompt=True) for t, _, _ in got]
-    ids = encode_prompts(tokenizer, texts, add_special_tokens=False)
+    ids = [encode_chat(tokenizer, t, add_generation_prompt=True) for t, _, _ in got]  # typed markers stay text
     room = context - cfg.rollout.max_new_tokens
     keep = [i for i, x in enumerate(ids) if 0 < len(x) <= room]
     skipped = len(got) - len(keep)
