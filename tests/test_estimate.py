@@ -163,3 +163,25 @@ def test_estimate_json_lists_every_training_stage(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lmforge.cli", "estimate", str(recipe), "--device", "tpu"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "known devices" in bad.stderr
+
+
+class _Blocks:
+    def batch(self, start, size):
+        return {"input_ids": torch.zeros(size, 64, dtype=torch.long), "n": size * 64}
+
+
+def test_compile_auto_compiles_only_when_the_predicted_run_repays_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.config import TrainConfig
+    from lmforge.estimate.predict import compile_choice
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m"))
+    assert TrainConfig().compile == "auto"
+    short, why = compile_choice(TrainConfig(max_steps=20), model, _Blocks(), device=torch.device("cpu"))
+    assert short is False and "running eagerly" in why
+    # ~3e8 FLOPs per step: ten million steps outlast any compile on any CPU
+    long, why = compile_choice(TrainConfig(max_steps=10_000_000), model, _Blocks(), device=torch.device("cpu"))
+    assert long is True and why.startswith("train.compile auto: predicted run")
+    assert compile_choice(TrainConfig(compile=False, max_steps=10_000_000), model, _Blocks(),
+                          device=torch.device("cpu")) == (False, None)

@@ -20,12 +20,12 @@ PROMPTS = ["What is two plus two?", "Hello there!", "The quick brown fox"]
 
 
 def fake_stage(root: Path, name: str, kind: str, artifact: str, *, summary: dict, wall: float, finished: str,
-               metrics: list[dict] = (), model_src: Path | None = None) -> Path:
+               metrics: list[dict] = (), model_src: Path | None = None, extra: dict | None = None) -> Path:
     d = root / name
     d.mkdir(parents=True)
     (d / "manifest.json").write_text(json.dumps({
         "stage": kind, "name": name, "status": "complete", "artifact": artifact, "output_id": f"id-{name}",
-        "wall_seconds": wall, "summary": summary, "finished": finished}))
+        "wall_seconds": wall, "summary": summary, "finished": finished, **(extra or {})}))
     if metrics:
         (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics) + '{"step": 9, "lo')  # cut line
     if model_src is not None:
@@ -44,7 +44,8 @@ def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
                summary={"vocab_size": 300, "val_bytes_per_token": 3.2109, "val_bytes": 1000, "val_tokens": 311})
     curve = [{"step": s, "loss": 6.0 - s, "tokens_per_s": 1000.0} for s in (1, 2, 3)] + [{"step": 3, "val_loss": 3.5}]
     fake_stage(root, "pretrain", "pretrain", "model", wall=12.5, finished="2024-01-01T00:00:03", metrics=curve,
-               summary={"tokens_per_s": 1234.5, "steps": 3, "best_val_loss": 3.5}, model_src=tiny_model_dir)
+               summary={"tokens_per_s": 1234.5, "steps": 3, "best_val_loss": 3.5}, model_src=tiny_model_dir,
+               extra={"peak_memory_bytes": 512e6, "estimate": {"peak_memory_bytes": 480.4e6, "wall_seconds": 10.04}})
     fake_stage(root, "sft", "sft", "model", wall=4.3, finished="2024-01-01T00:00:04",
                metrics=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
                summary={"tokens_per_s": 99.0, "steps": 2}, model_src=other)
@@ -84,9 +85,10 @@ def test_report_stage_writes_every_section(run_dir):
     res = json.loads((run_dir / "eval/eval/results.json").read_text())
     answers = [json.loads(x) for x in (run_dir / "eval/eval/answers.jsonl").read_text().splitlines()]
 
-    # Stages in the order they finished, with wall time and tokens/s from their manifests.
-    assert "| pretrain | pretrain | complete | 12.5 | 1234.5 | 3 | 3.5000 |" in md
-    assert "| sft | sft | complete | 4.3 | 99.0 | 2 | - |" in md
+    # Stages in the order they finished, with wall time and tokens/s from their manifests, and the
+    # estimate made at the stage's start beside the measured wall time and peak memory.
+    assert "| pretrain | pretrain | complete | 12.5 | 10.0 | 512 | 480 | 1234.5 | 3 | 3.5000 |" in md
+    assert "| sft | sft | complete | 4.3 | - | - | - | 99.0 | 2 | - |" in md
     assert md.index("| curate | curate |") < md.index("| tokenizer | tokenizer |") < md.index("| pretrain | pretrain |")
     # Curation counts per rule and tokenizer compression.
     assert "100 documents in, 80 out; splits: train 76, validation 4; bad rows skipped: 0." in md

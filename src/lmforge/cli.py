@@ -359,6 +359,7 @@ def estimate_cmd(
     stage: Optional[str] = typer.Option(None, "--stage", help="The stage type of a single stage config (pretrain, sft, dpo, reward, ppo, grpo)."),
     processes: int = typer.Option(1, "--processes", help="Processes the stage runs on (torchrun); with train.fsdp they shard the states."),
     probe: bool = typer.Option(False, "--probe", help="Run three real steps of each stage here to calibrate, and say how far the static estimate was off."),
+    only: Optional[str] = typer.Option(None, "--only", help="Estimate (and probe) only the recipe's stage of this name."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of stages (stage, peak_memory_bytes, wall_seconds, fits, advice, ...)."),
 ) -> None:
     """Predict each training stage's parameters, memory (broken down), FLOPs, step and wall time, and fit on a device."""
@@ -366,7 +367,8 @@ def estimate_cmd(
 
     from lmforge.estimate import estimate_target, render
 
-    found = estimate_target(target, overrides or [], device=device, stage_kind=stage, probe=probe, processes=processes)
+    found = estimate_target(target, overrides or [], device=device, stage_kind=stage, probe=probe, processes=processes,
+                            only=only)
     print(json.dumps([e.as_dict() for e in found], indent=2, default=str) if as_json else render(found))
 
 

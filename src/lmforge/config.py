@@ -226,7 +226,9 @@ class TrainConfig(Schema):
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N step checkpoints.")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
     tensorboard: bool = Field(True, description="Also write metrics as TensorBoard events under tensorboard/.")
-    compile: bool = Field(False, description="torch.compile the model (pays a one-off compile time).")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the model: true, false, or auto = compile when the predicted run is long "
+        "enough to repay the one-off compile time (lmforge.estimate; the decision is logged).")
     fsdp: bool = Field(
         False,
         description="With several processes (accelerate launch / torchrun): shard weights, gradients and optimizer "

@@ -210,12 +210,21 @@ def run_stage(st: PlannedStage, *, force: bool = False, resume: bool = True, ech
     if main:
         st.rd.write_config(st.cfg)
         st.rd.write_manifest(stage=st.kind, name=st.name, input_hash=h, hashes=parts, status="running", output_id=None)
+    from lmforge.estimate import stage_estimate
+    from lmforge.estimate.devices import read_peak, reset_peak
+
+    predicted, line = stage_estimate(st.kind, st.cfg, name=st.name)
+    if line:
+        echo(f"[{st.name}] {line}")
+    reset_peak()
     t0 = time.time()
     summary = st.module.run(st.cfg, st.rd, resume=bool(resume and same_inputs and not force)) or {}
     wall = time.time() - t0
     if not main:
         return summary
     st.rd.write_manifest(
+        estimate=predicted,
+        peak_memory_bytes=read_peak(),
         status="complete",
         output_id=hashlib.sha256(f"{h}:{uuid.uuid4()}".encode()).hexdigest(),
         wall_seconds=round(wall, 2),

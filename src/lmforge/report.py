@@ -137,6 +137,7 @@ def collect(run_dir: Path) -> dict:
             continue
         stages.append({"name": d.name, "path": d, "kind": m.get("stage", "?"), "status": m.get("status", "?"),
                        "wall_seconds": m.get("wall_seconds"), "summary": m.get("summary") or {},
+                       "estimate": m.get("estimate") or {}, "peak_memory_bytes": m.get("peak_memory_bytes"),
                        "finished": m.get("finished") or "", "artifact": d / m.get("artifact", ""),
                        "metrics": _read_jsonl(d / "metrics.jsonl")})
     if not stages:
@@ -318,6 +319,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e6:.0f}"
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -390,9 +395,14 @@ def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int 
     rows = []
     for s in info["stages"]:
         sm = s["summary"]
-        rows.append([s["name"], s["kind"], s["status"], _fmt(s["wall_seconds"], 1),
+        est = s.get("estimate") or {}
+        rows.append([s["name"], s["kind"], s["status"], _fmt(s["wall_seconds"], 1), _fmt(est.get("wall_seconds"), 1),
+                     _mb(s.get("peak_memory_bytes")), _mb(est.get("peak_memory_bytes")),
                      _fmt(sm.get("tokens_per_s"), 1), _fmt(sm.get("steps")), _fmt(sm.get("best_val_loss"), 4)])
-    doc.table(["stage", "type", "status", "wall time (s)", "train tokens/s", "steps", "best val loss"], rows)
+    doc.table(["stage", "type", "status", "wall time (s)", "estimated wall (s)", "peak memory (MB)",
+               "estimated peak (MB)", "train tokens/s", "steps", "best val loss"], rows)
+    doc.p("Estimated figures are `lmforge estimate`'s static prediction for this machine, made as each training stage "
+          "started; peak memory is the stage process's resident high-water mark (CPU) or CUDA peak allocation.")
 
     for s in info["stages"]:
         if s["kind"] == "curate" and s["summary"]:

@@ -20,10 +20,10 @@ from lmforge.estimate.devices import GB, Device, lookup
 from lmforge.estimate.predict import Estimate, estimate
 from lmforge.estimate.workload import Sources, Workload, workload
 
-__all__ = ["estimate_target", "estimate_planned", "render", "stage_line", "Estimate"]
+__all__ = ["planned_stages", "estimate_target", "estimate_planned", "render", "stage_estimate", "Estimate"]
 
 
-def _planned(target: str | Path, overrides: list[str], stage_kind: str | None):
+def planned_stages(target: str | Path, overrides: list[str], stage_kind: str | None):
     """(name, kind, cfg, stage folder) for every stage of a recipe, or for one stage config."""
     from lmforge.config import apply_overrides, load_yaml, validate
     from lmforge.pipeline import Recipe, plan, stage_module
@@ -56,7 +56,7 @@ def workloads(target: str | Path, overrides: list[str] = (), *, stage_kind: str 
               processes: int = 1) -> list[tuple[str, str, Workload | None]]:
     src = Sources()
     out = []
-    for name, kind, cfg, folder in _planned(target, list(overrides), stage_kind):
+    for name, kind, cfg, folder in planned_stages(target, list(overrides), stage_kind):
         w = workload(name, kind, cfg, src)
         if w is not None and processes > 1:
             w = w.with_(processes=processes)
@@ -73,11 +73,16 @@ def estimate_planned(w: Workload, dev: Device) -> Estimate:
 
 
 def estimate_target(target: str | Path, overrides: list[str] = (), *, device: str | None = None,
-                    stage_kind: str | None = None, probe: bool = False, processes: int = 1) -> list[Estimate]:
-    dev = lookup(device)
+                    stage_kind: str | None = None, probe: bool = False, processes: int = 1,
+                    only: str | None = None) -> list[Estimate]:
+    planned = workloads(target, overrides, stage_kind=stage_kind, processes=processes)
+    if only is not None and only not in [n for n, _k, _w in planned]:
+        raise LmforgeError(f"--only {only!r} names no stage of {target}; its stages: "
+                           f"{', '.join(n for n, _k, _w in planned)}.")
+    dev = lookup(device)  # after planning: the present device's runtime memory includes the stages' imports
     out = []
-    for _name, _kind, w in workloads(target, overrides, stage_kind=stage_kind, processes=processes):
-        if w is None:
+    for name, _kind, w in planned:
+        if w is None or (only is not None and name != only):
             continue
         e = estimate_planned(w, dev)
         if probe:
@@ -134,12 +139,17 @@ def render(estimates: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-def stage_line(kind: str, cfg, *, name: str | None = None) -> str | None:
-    """The one line a training stage prints at its start: predicted peak memory and wall time here."""
-    w = workload(name or kind, kind, cfg, Sources())
-    if w is None:
-        return None
-    e = estimate(w, lookup(None))
-    return (f"estimate: peak memory {_b(e.peak_memory_bytes)} of {_b(e.device_memory_bytes)}, wall "
+def stage_estimate(kind: str, cfg, *, name: str | None = None) -> tuple[dict | None, str | None]:
+    """What a training stage prints at its start (predicted peak memory and wall time here) and records
+    in its manifest for the report; (None, None) for a stage that trains nothing. A model this
+    module cannot read gives the reason instead of stopping the run: the estimate is advice, not work."""
+    try:
+        w = workload(name or kind, kind, cfg, Sources())
+        if w is None:
+            return None, None
+        e = estimate(w, lookup(None))
+    except Exception as err:  # noqa: BLE001 - any failure here must not stop the training it describes
+        return None, f"estimate unavailable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    line = (f"estimate: peak memory {_b(e.peak_memory_bytes)} of {_b(e.device_memory_bytes)}, wall "
             f"{_t(e.wall_seconds)} ({e.steps} steps of {e.step_seconds * 1e3:.0f} ms)")
-
+    return {"peak_memory_bytes": e.peak_memory_bytes, "wall_seconds": e.wall_seconds, "device": e.device}, line

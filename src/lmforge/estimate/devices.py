@@ -33,6 +33,7 @@ class Device:
     bandwidth: float  # bytes/s
     runtime_bytes: float  # resident before any tensor: CUDA context / the Python process
     layer_overhead_s: float  # launch/dispatch cost per layer per forward (a backward costs two)
+    startup_s: float = 4.0  # a stage process's start: imports, accelerator set-up
     description: str = ""
     measured: bool = False
 
@@ -44,7 +45,7 @@ class Device:
 
 
 def _gpu(name, mem_gb, fp32_tf, bf16_tf, bw_tbs, desc) -> Device:
-    return Device(name, "cuda", mem_gb * GB, fp32_tf * 1e12, bf16_tf * 1e12, bw_tbs * 1e12, 0.6 * GB, 40e-6, desc)
+    return Device(name, "cuda", mem_gb * GB, fp32_tf * 1e12, bf16_tf * 1e12, bw_tbs * 1e12, 0.6 * GB, 40e-6, 8.0, desc)
 
 
 TABLE: dict[str, Device] = {d.name: d for d in (
@@ -54,11 +55,11 @@ TABLE: dict[str, Device] = {d.name: d for d in (
     _gpu("a100-40gb", 40, 19.5, 312, 1.56, "NVIDIA A100, 40 GB HBM2"),
     _gpu("l4", 24, 30.3, 121, 0.3, "NVIDIA L4, 24 GB GDDR6"),
     _gpu("rtx-4090", 24, 82.6, 165, 1.01, "NVIDIA GeForce RTX 4090, 24 GB GDDR6X"),
-    Device("apple-m3-max", "cpu", 128 * GB * 0.75, 2.0e12, 2.0e12, 0.4e12, 0.5 * GB, 60e-6,
+    Device("apple-m3-max", "cpu", 128 * GB * 0.75, 2.0e12, 2.0e12, 0.4e12, 0.5 * GB, 60e-6, 4.0,
            "Apple M3 Max, 128 GB unified memory (about 3/4 usable by one process), CPU cores via Accelerate"),
-    Device("apple-m2", "cpu", 24 * GB * 0.75, 0.8e12, 0.8e12, 0.1e12, 0.5 * GB, 80e-6,
+    Device("apple-m2", "cpu", 24 * GB * 0.75, 0.8e12, 0.8e12, 0.1e12, 0.5 * GB, 80e-6, 5.0,
            "Apple M2, 24 GB unified memory (about 3/4 usable by one process), CPU cores via Accelerate"),
-    Device("cpu-2core", "cpu", 16 * GB, 100e9, 25e9, 20e9, 0.5 * GB, 150e-6,
+    Device("cpu-2core", "cpu", 16 * GB, 100e9, 25e9, 20e9, 0.5 * GB, 150e-6, 8.0,
            "a 2-core x86 CPU with AVX2 (no AMX), 16 GB"),
 )}
 
@@ -132,7 +133,8 @@ def present() -> Device:
         free, total = torch.cuda.mem_get_info()
         del a32, b32, a16, b16, x
         return Device(f"present ({torch.cuda.get_device_name()})", "cuda", float(total), f32, f16, bw,
-                      float(total - free) + 0.1 * GB, 40e-6, "this machine's GPU, measured", measured=True)
+                      float(total - free) + 0.1 * GB, 40e-6, process_age(), "this machine's GPU, measured",
+                      measured=True)
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -142,9 +144,59 @@ def present() -> Device:
     x = torch.empty(32 * 2**20 // 4)
     bw = 2 * x.numel() * 4 / _best_time(lambda: x.clone(), 5)
     threads = torch.get_num_threads()
+    # This process has imported what a stage imports (planning a stage imports its module), so its
+    # resident memory and its age stand for a stage process's runtime memory and start-up time.
     return Device(f"present (cpu, {threads} threads)", "cpu", _cpu_memory(), f32, f16, bw, current_rss(),
-                  TABLE["cpu-2core"].layer_overhead_s, "this machine's CPU, measured", measured=True)
+                  TABLE["cpu-2core"].layer_overhead_s, process_age(), "this machine's CPU, measured", measured=True)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; elsewhere a typical 4 s)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 4.0
 
 
 def with_runtime(dev: Device, runtime_bytes: float) -> Device:
     return replace(dev, runtime_bytes=runtime_bytes)
+
+
+def reset_peak() -> None:
+    """Start measuring a peak: torch's CUDA peak counter, or Linux's resident high-water mark
+    (writing 5 to /proc/self/clear_refs resets VmHWM), so a stage's peak is its own even when
+    earlier stages ran in the same process."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then covers the whole process so far
+        pass
+
+
+def read_peak() -> float:
+    """Peak memory since `reset_peak` (bytes): CUDA allocated + the context's resident share, or
+    the process's resident high-water mark."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return float(torch.cuda.max_memory_allocated() + max(0, total - free - torch.cuda.memory_reserved()))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -21,7 +21,6 @@ from lmforge.estimate.devices import Device
 from lmforge.estimate.workload import Workload
 
 MATMUL_EFFICIENCY = {"cuda": 0.45, "cpu": 0.6}  # share of the matmul peak a training step reaches
-STARTUP_S = {"cuda": 8.0, "cpu": 4.0}  # imports, accelerator, data set-up
 DISK_BYTES_PER_S = 1e9  # loading weights, writing checkpoints
 COMPILE_SPEEDUP = 0.15  # share of step time torch.compile saves (measured 1.14-1.21x on the 6.3M pretrain)
 COMPILE_SECONDS = {"cuda": 40.0, "cpu": 30.0}  # one-off compile of forward + backward
@@ -142,19 +141,21 @@ def _step_seconds(w: Workload, dev: Device, prec: str, efficiency: float) -> tup
 
 
 def _wall_seconds(w: Workload, dev: Device, step_s: float, prec: str, efficiency: float, startup: float | None) -> float:
+    """Start-up + steps + evaluations + checkpoints. A probe's measured `startup` already holds the
+    first and the last evaluation."""
     s = w.shape
+    evals_paid = 0 if startup is None else 2
     if startup is None:
-        startup = STARTUP_S[dev.kind] + s.params * F.FP32 / DISK_BYTES_PER_S
+        startup = dev.startup_s + s.params * F.FP32 / DISK_BYTES_PER_S
     evals = 0.0
     if w.rollout is None and w.eval_batches:
-        n_evals = 1 + (w.steps // w.eval_every if w.eval_every else 1)
+        n_evals = max(0, 1 + (w.steps // w.eval_every if w.eval_every else 1) - evals_paid)
         per_eval = w.eval_batches * (w.micro_tokens * F.forward_flops_per_token(s, w.seq_len) / (dev.flops(prec) * efficiency)
                                      + s.n_layers * dev.layer_overhead_s)
         evals = n_evals * per_eval
     ckpts = (w.steps // w.checkpoint_every if w.checkpoint_every else 0) + 1
     ckpt_s = ckpts * w.trainable * (F.FP32 + F.ADAMW_STATE_BYTES) / DISK_BYTES_PER_S
-    ref_pass = 0.0
-    return startup + w.steps * step_s + evals + ckpt_s + ref_pass
+    return startup + w.steps * step_s + evals + ckpt_s
 
 
 def estimate(w: Workload, dev: Device, *, calibration: Calibration | None = None,
@@ -196,6 +197,40 @@ def serving(shape: F.Shape, dev: Device, context: int | None = None) -> dict:
     return {"context": ctx, "kv_bytes_per_token": kv, "weights_bytes": weights, "max_batch": max_batch,
             "tokens_per_s_batch1": tok_s(1) if max_batch else 0.0,
             "tokens_per_s_max_batch": tok_s(max_batch) if max_batch else 0.0}
+
+
+def compile_choice(cfg, model, data, *, device) -> tuple[bool, str | None]:
+    """`train.compile`: True/False as set; "auto" compiles when the predicted run (this model, the
+    first micro-batch's tokens, max_steps) is long enough that compiling saves more than it costs.
+    Returns (compile?, the sentence to log, or None when the user decided)."""
+    if cfg.compile != "auto":
+        return bool(cfg.compile), None
+    from lmforge.estimate.devices import TABLE, present
+    from lmforge.estimate.workload import shape_of_model
+
+    first = data.batch(0, cfg.batch_size)
+    ids = first.get("input_ids")
+    if ids is None:
+        return False, "train.compile auto: the batches carry no input_ids to predict the run from; running eagerly"
+    shape = shape_of_model(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    method = "none" if trainable >= shape.params else "lora"
+    kind = "cuda" if getattr(device, "type", str(device)) == "cuda" else "cpu"
+    w = Workload("train", "pretrain", shape, method, trainable, precision=cfg.precision, batch=1,
+                 grad_accum=cfg.grad_accum, seq_len=int(ids.shape[-1]), seqs_per_item=int(ids.numel() // ids.shape[-1]),
+                 head_share=1.0, steps=cfg.max_steps, checkpointing=False)
+    # A table device bounds the run from below (the fastest of the kind): if even that is long
+    # enough, or the slowest plausible is too short, the matmul probe is not needed.
+    fastest = max((d for d in TABLE.values() if d.kind == kind), key=lambda d: d.flops("bf16"))
+    runs = [_step_seconds(w, d, precision_on(w, d), MATMUL_EFFICIENCY[kind])[0] * cfg.max_steps
+            for d in (fastest, TABLE["cpu-2core"] if kind == "cpu" else TABLE["l4"])]
+    if compile_pays(runs[0], kind)[0] or not compile_pays(runs[1], kind)[0]:
+        seconds = runs[0] if compile_pays(runs[0], kind)[0] else runs[1]
+    else:
+        dev = present()
+        seconds = _step_seconds(w, dev, precision_on(w, dev), MATMUL_EFFICIENCY[kind])[0] * cfg.max_steps
+    verdict, why = compile_pays(seconds, kind)
+    return verdict, f"train.compile auto: {why}"
 
 
 def compile_pays(predicted_seconds: float, device_kind: str) -> tuple[bool, str]:

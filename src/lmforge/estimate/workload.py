@@ -81,9 +81,27 @@ def _shape_from_json(config_json: str) -> Shape:
     cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    params = sum(p.numel() for p in model.parameters())
+    return shape_of_model(model)
+
+
+def shape_of_model(model) -> Shape:
+    """The shape of a built causal LM (on any device, `meta` included; a peft or compile wrapper is
+    looked through: its adapter layers are not counted as the model's own)."""
+    import torch
+
+    m = model
+    while getattr(m, "config", None) is None:  # DDP's .module, compile's ._orig_mod, a stage's wrapper's .lm
+        inner = next((getattr(m, a) for a in ("module", "_orig_mod", "lm") if hasattr(m, a)), None)
+        if inner is None:
+            raise LmforgeError(f"cannot find the transformers config of a {type(model).__name__}")
+        m = inner
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m
+    cfg = m.config
+    params = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
     linears = []
-    for name, mod in model.named_modules():
+    for name, mod in m.named_modules():
+        if "lora_" in name:
+            continue
         if isinstance(mod, torch.nn.Linear):
             linears.append(Linear(name, mod.in_features, mod.out_features))
         elif type(mod).__name__ == "Conv1D":  # GPT-2's transposed linear: weight (in, out)

@@ -30,6 +30,7 @@ import torch
 
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError, Preempted, StopRun
+from lmforge.estimate.predict import compile_choice
 from lmforge.progress import Progress
 from lmforge.rundir import RunDir, atomic_write_json
 from lmforge.train import checkpoint as ckpt
@@ -189,7 +190,11 @@ def train(
         engine, optimizer = acc.prepare(model, optimizer)
     # The scheduler is not prepared: accelerate would step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if cfg.compile:
+    use_compile, why = compile_choice(cfg, model, data, device=acc.device)
+    if why and main:
+        print(f"[{label}] {why}")
+        rd.log(why)
+    if use_compile:
         engine = torch.compile(engine)
     params = [p for p in model.parameters() if p.requires_grad]
 
