@@ -231,3 +231,44 @@ def test_label_by_keyboard_across_reload_and_kill(tmp_path, tiny_model_dir):
     for p in pref:
         c, r = rm.score([p["prompt"]] * 2, [p["chosen"], p["rejected"]])
         assert c > r, (p["prompt"], p["chosen"], p["rejected"], c, r)
+
+
+def test_pairwise_by_keyboard(tmp_path):
+    """Pairwise mode: a/b pick a side, t tie, x both bad, s skip; the stored verdicts follow the keys."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from lmforge.label.app import Server
+    from lmforge.label.store import Response
+
+    s = Store(tmp_path / "l.sqlite")
+    s.configure(mode="pairwise", overlap=0.0, overlap_annotators=2)
+    for i in range(4):
+        s.add_item(f"q{i}", [{"role": "user", "content": f"Pick one {i}."}],
+                   [Response(f"left {i}", "m0", {}), Response(f"right {i}", "m1", {})], "t")
+    token = s.add_annotator("ann")
+    server = Server(s, "127.0.0.1", 0).start()
+    d = chrome()
+    try:
+        wait = WebDriverWait(d, 60)
+        d.get(f"{server.url}?token={token}")
+        wait.until(lambda d: d.find_element(By.ID, "count").text == "0 / 4")
+        assert "A is better" in d.find_element(By.ID, "keys").text and "both bad" in d.find_element(By.ID, "keys").text
+        chosen = []
+        for n, key in enumerate(["b", "t", "x", "s"]):
+            labels = [c.find_element(By.CLASS_NAME, "label").text for c in d.find_elements(By.CSS_SELECTOR, ".card")]
+            texts = [c.find_element(By.CLASS_NAME, "text").text for c in d.find_elements(By.CSS_SELECTOR, ".card")]
+            assert labels == ["A", "B"]
+            chosen.append(texts[1])
+            ActionChains(d).send_keys(key, *([Keys.ENTER] if key != "s" else [])).perform()
+            wait.until(lambda d, n=n: d.find_element(By.ID, "count").text == f"{n + 1} / 4")
+        wait.until(lambda d: d.find_element(By.ID, "done").is_displayed())
+    finally:
+        d.quit()
+        server.stop()
+    live = s.judgments()
+    assert [j["verdict"] for j in live] == ["ranked", "tie", "all_bad", "skip"]
+    first = {r["id"]: r["text"] for r in s.item(live[0]["item_id"])["responses"]}
+    assert first[live[0]["ranking"][0]] == chosen[0]  # B, as shown, is the preferred one

@@ -13,8 +13,11 @@
 `lmforge label --add-annotator NAME --out DIR` prints a new annotator's token and link;
 `lmforge label export DIR` writes the export again from the store.
 
-The store lives outside the artifact folder (`<stage>/labels.sqlite`), so re-running the stage
-(or `--force`) keeps every judgment; with `wait: none` a re-run exports what was labelled so far.
+The store lives outside the artifact folder (`<stage>/labels.sqlite`, kept by a fresh start), so
+re-running the stage (or `--force`) keeps every judgment. With `wait: none` a recipe re-run exports
+what was labelled so far when the stage runs again: give `store:` a path (labels collected by a
+separate `lmforge label` server) and it is an input, so new judgments re-run the stage; with the
+default store, use --force.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from lmforge.rundir import RunDir, staged_dir
 
 ARTIFACT = "data"
 PROVIDES = ("preference_data", "sft_data")
-INPUTS = {"model": "model", "prompts": None, "responses": None, "select_by": None}
+INPUTS = {"model": "model", "prompts": None, "responses": None, "select_by": None, "store": None}
 STORE = "labels.sqlite"
 KEEP = (STORE + "*",)  # the database and its -wal/-shm files: human judgments survive --force
 
@@ -78,7 +81,9 @@ class Config(Schema):
         "least sure about come first; with two, the items they order most differently (label/select.py).")
     host: str = Field("127.0.0.1", description="Address to bind (0.0.0.0 exposes the page to the network).")
     port: int = Field(8765, ge=0, le=65535, description="TCP port (0 = any free port).")
-    store: str | None = Field(None, description="The labelling database (default: <stage folder>/labels.sqlite).")
+    store: str | None = Field(
+        None, description="The labelling database (default: <stage folder>/labels.sqlite); when given it is an input: "
+        "new judgments in it re-run the stage.")
     max_batch: int = Field(32, ge=1, description="Responses decoded together.")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (None = cuda when available).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Sampling dtype (auto: bf16 on GPU).")
