@@ -170,9 +170,8 @@ def test_plan_command_on_the_quick_recipe_writes_nothing(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "plan", "recipes/quick.yaml", "--out-dir", str(tmp_path / "runs"),
-                        "tokenizer.vocab_size=512"], capture_output=True, text=True, timeout=300,
-                       cwd=pipeline.builtin_recipe("quick").parents[1])
+    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "plan", "quick", "--out-dir", str(tmp_path / "runs"),
+                        "tokenizer.vocab_size=512"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert sum("would START - no earlier run in this folder" in x for x in lines) == 9

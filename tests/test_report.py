@@ -155,7 +155,7 @@ def test_lmforge_report_rebuilds_after_a_failed_gate(run_dir):
     md = (run_dir / "report.md").read_text()
     assert "| eval | eval | running |" in md  # the failed stage did not complete
     assert f"| heldout.loss | {worse} | {better} |" in md and "| FAILED |" in md
-    assert f"Pipeline output: {better} ({paths[better]})." in md
+    assert f"Pipeline output: {better} ({paths[better]}/model)." in md  # the model folder the eval loaded
     assert f"| metric | n | chance | {better} | {worse} | Δ {worse} |" in md
     assert "1 of 2 met" in md  # the rebuild reads the expectations from the run's report stage
 

@@ -28,7 +28,8 @@ OVERRIDES_HELP = "Overrides as key.path=value (for a recipe: stage_name.key.path
 @app.command("run")
 def run_cmd(
     recipe: Optional[str] = typer.Argument(
-        None, help="Recipe YAML to run. Omit to run the built-in default pipeline (recipes/default.yaml)."
+        None, help="Recipe YAML to run, or a built-in recipe's name (quick, default, ...). Omit to run the "
+        "built-in default pipeline (recipes/default.yaml)."
     ),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     force: bool = typer.Option(False, "--force", help="Re-run every stage even if its inputs and config are unchanged."),
@@ -36,17 +37,15 @@ def run_cmd(
     out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Parent folder of runs (default: runs)."),
 ) -> None:
     """Run a recipe's stages in order; unchanged stages are skipped, interrupted ones resume."""
-    from lmforge.pipeline import builtin_recipe, run_recipe
+    from lmforge.pipeline import recipe_path, run_recipe
 
     path = recipe
     if recipe is not None and "=" in recipe and not os.path.exists(recipe):
         # `lmforge run stage.key=value` with the default recipe.
         overrides = [recipe] + list(overrides or [])
         path = None
-    if path is None:
-        path = str(builtin_recipe("default"))
     top = {k: v for k, v in (("name", name), ("out_dir", out_dir)) if v is not None}
-    run_recipe(path, overrides or [], force=force, top_overrides=top)
+    run_recipe(recipe_path(path), overrides or [], force=force, top_overrides=top)
 
 
 @app.command("plan")
@@ -60,13 +59,13 @@ def plan_cmd(
     """Show, without running anything, each stage's inputs and outputs and whether a run would skip,
     resume or start it afresh, and why."""
     from lmforge.dryrun import describe
-    from lmforge.pipeline import builtin_recipe
+    from lmforge.pipeline import recipe_path
 
     path = recipe
     if recipe is not None and "=" in recipe and not os.path.exists(recipe):
         overrides, path = [recipe] + list(overrides or []), None
     top = {k: v for k, v in (("name", name), ("out_dir", out_dir)) if v is not None}
-    print(describe(path or builtin_recipe("default"), overrides or [], force=force, top_overrides=top))
+    print(describe(recipe_path(path), overrides or [], force=force, top_overrides=top))
 
 
 def _stage_command(kind: str, summary: str) -> None:

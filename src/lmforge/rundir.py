@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -40,12 +41,38 @@ from lmforge.errors import LmforgeError
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 CACHE_RECORD = ".cache.json"  # suffix: tokens/train.bin -> tokens/train.bin.cache.json
+LOCK = ".lock"  # holds the PID of the process running in the folder (see `exclusive`)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(parent: Path, name: str) -> tuple[int, str]:
+    """mkstemp beside `name`, with the mode an ordinary file gets under the user's umask (mkstemp
+    makes 0600: an artifact renamed from it would be unreadable to the user's group)."""
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """mkdtemp beside `name`, with the mode an ordinary folder gets under the user's umask (not 0700)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    tmp.chmod(0o777 & ~umask())
+    return tmp
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -85,7 +112,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     error it replaces `final` (replace_dir), otherwise it is deleted and `final` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    tmp = temp_dir(final.parent, final.name)
     try:
         yield tmp
         replace_dir(tmp, final)
@@ -149,6 +176,30 @@ def resolve_artifact(path: str | Path, what: str = "artifact") -> Path:
     if not p.exists():
         raise LmforgeError(f"The {what} {p} does not exist; check the path or run the stage that writes it.")
     return p
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path, *, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (a run or stage folder) for the block: `fcntl.flock` on
+    `folder/.lock`, which holds our PID. A second process gets one sentence naming the holder's
+    PID. The kernel releases the lock when the holder exits, however it exits, so a killed run
+    never leaves a stale lock; the file itself stays (deleting it would race a new holder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LmforgeError(f"{what} {folder} is in use by another lmforge process (PID {holder}); wait for it to "
+                           "finish or stop it, or write to another folder.") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +279,7 @@ def keyed_cache(path: str | Path, parts: dict[str, Any], build: Callable[[Path],
             return Cached(path, True, rec.get("info") or {})
         echo(f"{path} {problem}; rebuilding it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmpdir = temp_dir(path.parent, path.name)
     record = path.with_name(path.name + CACHE_RECORD)
     try:
         tmp = tmpdir / path.name
@@ -295,11 +346,12 @@ class RunDir:
         return keyed_cache(self.path / name, parts, build, echo=echo)
 
     def fresh_start(self, keep_globs: tuple[str, ...] = ()) -> None:
-        """Remove everything but config.yaml, manifest.json and keyed cache entries (with their
-        records): checkpoints, metrics, logs and the old artifact belong to another configuration,
-        while a cache entry is checked against its key when it is next used. `keep_globs` names
-        what is no derived file at all and must survive (the label stage's human judgments)."""
-        keep = {self.path / CONFIG, self.path / MANIFEST}
+        """Remove everything but config.yaml, manifest.json, the lock and keyed cache entries (with
+        their records). Checkpoints, metrics, logs and the old artifact belong to another
+        configuration; a cache entry is checked against its key when next used. `keep_globs`
+        (a stage's KEEP) names what must survive too: data that is no derived file (the label
+        stage's human judgments) or is keyed its own way (compare's nested stage folders)."""
+        keep = {self.path / CONFIG, self.path / MANIFEST, self.path / LOCK}
         for pattern in keep_globs:
             keep |= set(self.path.glob(pattern))
         for rec in self.path.rglob("*" + CACHE_RECORD):

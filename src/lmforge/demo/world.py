@@ -1046,7 +1046,7 @@ def _years(cfg: Config) -> list[str]:
     return [str(y) for y in range(cfg.founded_range[0], cfg.founded_range[1] + 1)]
 
 
-def run(cfg: Config, rd: RunDir, resume: bool) -> dict:
+def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     """Generate into a temporary folder, then swap it in: a crash never leaves half an artifact.
     Generation takes about a second, so there is nothing to resume."""
     t0 = time.time()

@@ -79,7 +79,7 @@ from lmforge.scoring import load_score_fn
 ARTIFACT = "data"
 PROVIDES = ("preference_data", "sft_data")
 INPUTS = {"model": "model", "prompts": None, "principles": None, "judge_model": None}
-DEFAULT_PRINCIPLES = Path(__file__).resolve().parents[3] / "recipes" / "principles.yaml"
+DEFAULT_PRINCIPLES = Path(__file__).resolve().parents[1] / "recipes" / "principles.yaml"  # package data
 
 
 class Principle(Schema):
