@@ -149,7 +149,11 @@ def _adapter_model(p: Path, base: str | Path | None, *, head: Head, keep: bool, 
         raise LmforgeError(f"{p} is an adapter; QLoRA needs a full base model: run `lmforge merge` on it first.")
     b = resolve_artifact(base if base is not None else adapter_base(p), "base model folder")
     check_base(p, b)
-    model = _full_model(b, head="causal_lm", qlora=None, device=None, dtype=dtype)
+    # A reward model's adapter (peft task SEQ_CLS, its head saved whole) goes on a reward-model base.
+    reward_adapter = json.loads((p / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    if reward_adapter and head != "reward":
+        raise LmforgeError(f"{p} is a reward model's adapter; load it as a reward model (lmforge score, reward_model).")
+    model = _full_model(b, head="reward" if reward_adapter else "causal_lm", qlora=None, device=None, dtype=dtype)
     try:
         model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
     except Exception as e:  # size mismatches (RuntimeError), missing targets (ValueError subclasses), ...
@@ -161,7 +165,7 @@ def _adapter_model(p: Path, base: str | Path | None, *, head: Head, keep: bool, 
         raise LmforgeError(f"{p} is a prefix-tuning adapter, which cannot be merged into the weights; "
                            "start from its base model instead.")
     model = model.merge_and_unload()
-    if head == "reward":
+    if head == "reward" and not reward_adapter:
         model = _with_reward_head(model)
     return model
 

@@ -5,6 +5,7 @@ rewards, and `lmforge score` reproduces the stage's held-out numbers (full model
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -137,6 +138,27 @@ def test_lora_reward_model_is_merged_into_a_plain_classifier(tmp_path, tiny_mode
     # the merged model scores exactly as the adapter model did at the end of training
     assert float(np.median(gaps)) == pytest.approx(s["held_out_gap_median"], abs=1e-4)
     assert float((gaps > 0).mean()) == s["held_out_accuracy"]
+
+
+def test_qlora_reward_model_is_merged_into_its_full_precision_start(tmp_path, tiny_model_dir, files):
+    """QLoRA trains on a 4-bit copy; the saved reward model is the full-precision start with the
+    adapter merged in (no quantisation error on top), and the head trained whole is kept exactly."""
+    from safetensors.torch import load_file
+
+    m = run_reward(tmp_path, reward_config(tiny_model_dir, files, adapter={"method": "qlora", "r": 4, "dropout": 0.0},
+                                           train=dict(max_steps=4, eval_every=0, lr=1e-2)))
+    out = tmp_path / "run" / "model"
+    assert m["summary"]["adapter"] == "qlora" and not (out / "adapter_config.json").exists()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    norms = [k for k in start if k.startswith("model.") and "norm" in k]
+    assert norms and all(torch.equal(saved[k], start[k]) for k in norms)  # frozen, not adapted: the start's own
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(saved[q], start[q])  # the LoRA update merged into the full-precision weight
+    rm = load_reward_model(tmp_path / "run", device="cpu")
+    assert all(math.isfinite(x) for x in rm.score(["Name an animal."], ["The lazy dog."]))
 
 
 def test_loss_uses_the_pair_margin_and_the_centering_term():

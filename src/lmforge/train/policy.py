@@ -186,13 +186,10 @@ def merged(p: Policy, rd: RunDir):
     import shutil
     import tempfile
 
-    from peft import PeftModel
-
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=rd.path))
     try:
         p.model.save_pretrained(str(tmp))
-        full = load_model(p.src, head=p.head)  # a reward head's fresh values are replaced by the adapter's copy
-        out = PeftModel.from_pretrained(full, str(tmp)).merge_and_unload()
+        out = load_model(tmp, base=p.src, head=p.head)  # the full-precision start + the trained adapter, merged
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if p.head == "reward":
