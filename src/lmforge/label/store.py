@@ -298,6 +298,11 @@ class Store:
     def next_item(self, annotator_id: int) -> int | None:
         """The item this annotator should judge now: the open one they hold, else a newly claimed
         one (lowest position among items that still want judges and that they never saw)."""
+        held = self._one("SELECT item_id FROM assignments WHERE annotator_id = ? AND state = 'open' "
+                         "ORDER BY claimed DESC LIMIT 1", annotator_id)
+        if held:  # the common case (a reload, a second tab): a read, no write lock
+            return held["item_id"]
+
         def go():
             row = self.db.execute("SELECT item_id FROM assignments WHERE annotator_id = ? AND state = 'open' "
                                   "ORDER BY claimed DESC LIMIT 1", (annotator_id,)).fetchone()
