@@ -272,3 +272,47 @@ def test_pairwise_by_keyboard(tmp_path):
     assert [j["verdict"] for j in live] == ["ranked", "tie", "all_bad", "skip"]
     first = {r["id"]: r["text"] for r in s.item(live[0]["item_id"])["responses"]}
     assert first[live[0]["ranking"][0]] == chosen[0]  # B, as shown, is the preferred one
+
+
+DRAG = """
+const [card, slot] = arguments;
+const dt = new DataTransfer();
+card.dispatchEvent(new DragEvent("dragstart", {dataTransfer: dt, bubbles: true}));
+slot.dispatchEvent(new DragEvent("dragover", {dataTransfer: dt, bubbles: true, cancelable: true}));
+slot.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+"""
+
+
+def test_rank_by_dragging(tmp_path):
+    """Dropping a card on a place of the ranking bar ranks it there (the mouse alternative to 1..k)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from lmforge.label.app import Server
+    from lmforge.label.store import Response
+
+    s = Store(tmp_path / "l.sqlite")
+    s.configure(mode="rank", overlap=0.0, overlap_annotators=2)
+    s.add_item("q0", [{"role": "user", "content": "Rank us."}], [Response(t, "m", {}) for t in ("x", "y", "z")], "t")
+    token = s.add_annotator("ann")
+    server = Server(s, "127.0.0.1", 0).start()
+    d = chrome()
+    try:
+        wait = WebDriverWait(d, 60)
+        d.get(f"{server.url}?token={token}")
+        wait.until(lambda d: d.find_element(By.ID, "count").text == "0 / 1")
+        shown = [c.find_element(By.CLASS_NAME, "text").text for c in d.find_elements(By.CSS_SELECTOR, ".card")]
+        for place, card in ((0, 2), (1, 0)):  # the third card shown to #1, the first to #2; the last is implied
+            cards, slots = d.find_elements(By.CSS_SELECTOR, ".card"), d.find_elements(By.CSS_SELECTOR, ".slot")
+            d.execute_script(DRAG, cards[card], slots[place])
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".slot.filled")) == 3)
+        ActionChains(d).send_keys(Keys.ENTER).perform()
+        wait.until(lambda d: d.find_element(By.ID, "count").text == "1 / 1")
+    finally:
+        d.quit()
+        server.stop()
+    j = s.judgments()[0]
+    texts = {r["id"]: r["text"] for r in s.item(j["item_id"])["responses"]}
+    assert [texts[r] for r in j["ranking"]] == [shown[2], shown[0], shown[1]]
