@@ -14,8 +14,9 @@ contacted). Each worker loops, picking a client kind at random:
     disconnect   starts a request (streamed or not) and hangs up early
 
 Printed: requests by kind and outcome, latency p50/p99 of the valid 200s, the server's slots
-and rows in use after the run (must be 0), its rows cancelled, and its RSS growth from after a
-warm-up to the end. Exit status 1 if any 5xx was answered or a slot stayed in use.
+and rows in use after the run (must be 0), its rows cancelled, and its RSS after a warm-up and
+after each phase of the run (growth that levels off is the allocator's high-water mark; growth
+that goes on phase after phase is a leak). Exit status 1 if any 5xx was answered or a slot stayed in use.
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=180, help="Stop starting requests after this long.")
     ap.add_argument("--requests", type=int, default=4000, help="Stop after this many requests in all.")
     ap.add_argument("--workers", type=int, default=24, help="Concurrent clients.")
+    ap.add_argument("--phases", type=int, default=3, help="Measure the server's RSS after each of this many phases.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server process.")
     args = ap.parse_args()
@@ -215,17 +217,19 @@ def main() -> None:
         try:
             soak = Soak(base, port, random.Random(args.seed))
             asyncio.run(Soak(base, port, random.Random(-1)).worker(time.monotonic() + 5, [20]))  # warm-up
-            rss0 = rss_kib(proc.pid)
+            rss = [rss_kib(proc.pid)]
             t0 = time.monotonic()
             budget = [args.requests]
 
-            async def run() -> None:
-                await asyncio.gather(*(soak.worker(t0 + args.seconds, budget) for _ in range(args.workers)))
+            async def run(until: float) -> None:
+                await asyncio.gather(*(soak.worker(until, budget) for _ in range(args.workers)))
 
-            asyncio.run(run())
+            for phase in range(1, args.phases + 1):  # RSS after each phase: a plateau, or growth that goes on
+                asyncio.run(run(t0 + args.seconds * phase / args.phases))
+                asyncio.run(settle(base))
+                rss.append(rss_kib(proc.pid))
             wall = time.monotonic() - t0
             health = asyncio.run(settle(base))
-            rss1 = rss_kib(proc.pid)
         finally:
             proc.terminate()
             try:
@@ -240,7 +244,9 @@ def main() -> None:
           f"({len(soak.latencies)} requests)")
     print(f"after the run: running {health['running']}, waiting {health['waiting']}, rows {health['rows']} "
           f"(rows cancelled over the run: {health['rows_cancelled']})")
-    print(f"server RSS: {rss0 / 1024:.1f} MiB after warm-up -> {rss1 / 1024:.1f} MiB ({(rss1 - rss0) / 1024:+.1f} MiB)")
+    steps = " -> ".join(f"{r / 1024:.1f}" for r in rss)
+    print(f"server RSS (MiB) after warm-up, then after each of {args.phases} phases: {steps} "
+          f"(growth {(rss[-1] - rss[0]) / 1024:+.1f} MiB; in the last phase {(rss[-1] - rss[-2]) / 1024:+.1f} MiB)")
     five = sum(n for (kind, out), n in soak.outcomes.items() if out.startswith("5"))
     stuck = (health["running"], health["waiting"], health["rows"]) != (0, 0, 0)
     if five or stuck:
