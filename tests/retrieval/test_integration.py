@@ -127,3 +127,23 @@ def test_rendered_prompt_is_the_documented_one(model_dir, index_dir):
     text = render(tok, _expected_messages(index_dir, 1), add_generation_prompt=True)
     assert text.startswith("<|user|>Answer the question from the passages below.")
     assert "Passages:\n[1] Belor is a hill country. The capital of Belor is Mosk.\n\nQuestion: " + QUESTION in text
+
+
+def test_eval_stage_with_retrieval_answers_the_augmented_prompt(tmp_path, model_dir, index_dir):
+    from lmforge.generation import generate
+    from lmforge.pipeline import run_single
+
+    rows = tmp_path / "q.jsonl"
+    rows.write_text(json.dumps({"prompt": QUESTION, "answer": "Mosk"}) + "\n")
+    task = {"name": "facts", "file": str(rows), "scorers": ["fact_match"], "max_new_tokens": 5}
+    overrides = [f"models={{rag: {model_dir}}}", f"tasks=[{json.dumps(task)}]",
+                 f"retrieval={json.dumps({'index': str(index_dir), 'k': 2})}"]
+    run_single("eval", None, overrides, out=str(tmp_path / "ev"), force=False, resume=False)
+    answer = json.loads((tmp_path / "ev" / "eval" / "answers.jsonl").read_text())
+    model, tok = load_model_for_inference(model_dir, device="cpu")
+    ids = encode(tok, _expected_messages(index_dir, 2), add_generation_prompt=True)
+    plain = encode(tok, [{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+    with_passages, without = (generate(model, tok, [x], params)[0].text for x in (ids, plain))
+    assert with_passages != without  # the check below can tell the two prompts apart
+    assert answer["output"] == with_passages

@@ -56,6 +56,7 @@ from lmforge.eval.tasks import (
     sampling_params,
     win_rate_name,
 )
+from lmforge.retrieval.augment import RetrievalConfig, open_retriever, task_prompt
 from lmforge.rundir import RunDir, atomic_write_json, staged_dir
 
 ARTIFACT = "eval"
@@ -103,6 +104,8 @@ class Config(Schema):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on a GPU that supports "
                                                             "it, fp32 on CPU.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (None = torch's default).")
+    retrieval: RetrievalConfig | None = Field(None, description="Retrieval for generate tasks: each prompt's last user "
+                                              "turn gets the index's top passages (lmforge.retrieval.prompt).")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -330,6 +333,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         t0 = time.time()
         model, tok = load_model_for_inference(path, device=cfg.device, dtype=cfg.dtype)
         device = next(model.parameters()).device
+        retriever = open_retriever(cfg.retrieval, tok, str(path)) if cfg.retrieval else None
         gen_tokens = 0
         for t in tasks:
             if t.models is not None and name not in t.models:
@@ -342,7 +346,8 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
                 scores[name][t.name] = {"per_token": per_token, "tokens": counts}
                 line = f"loss {sum(nats) / max(sum(counts), 1):.4f}"
             else:
-                prompts = [prompt_text(t, r, tok) for r in rows[t.name]]
+                prompts = [prompt_text(t, r, tok) if retriever is None else
+                           task_prompt(retriever, t, r, tok, model, params[t.name].max_new_tokens) for r in rows[t.name]]
                 try:
                     outs = complete(model, tok, t, prompts, params[t.name], max_batch=cfg.batch_size)
                 except LmforgeError as e:

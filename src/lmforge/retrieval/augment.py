@@ -71,3 +71,14 @@ def prompt_budget(model: Any, max_new_tokens: int) -> int:
     from lmforge.models import context_length
 
     return max(1, context_length(model) - max_new_tokens)
+
+
+def task_prompt(retriever: Retriever, task: Any, row: dict, tokenizer: Any, model: Any, max_new_tokens: int):
+    """An eval task's prompt with passages: token ids (chat) or text (plain), as `eval.tasks.prompt_text` gives."""
+    from lmforge.data.chat import encode
+    from lmforge.eval.tasks import messages
+
+    chat = task.format == "chat"
+    msgs = messages(task, row) if chat else [{"role": "user", "content": row[task.prompt_field]}]
+    fitted = retriever.augment(msgs, tokenizer, budget=prompt_budget(model, max_new_tokens), chat=chat)
+    return encode(tokenizer, fitted.messages, add_generation_prompt=True) if chat else fitted.messages[-1]["content"]
