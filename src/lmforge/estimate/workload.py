@@ -90,8 +90,8 @@ def shape_of_model(model) -> Shape:
     import torch
 
     m = model
-    while getattr(m, "config", None) is None:  # DDP's .module, compile's ._orig_mod, a stage's wrapper's .lm
-        inner = next((getattr(m, a) for a in ("module", "_orig_mod", "lm") if hasattr(m, a)), None)
+    while getattr(m, "config", None) is None:  # DDP's .module, compile's ._orig_mod, a stage's wrapper's .lm, reward's RewardHead.model
+        inner = next((getattr(m, a) for a in ("module", "_orig_mod", "lm", "model") if hasattr(m, a)), None)
         if inner is None:
             raise LmforgeError(f"cannot find the transformers config of a {type(model).__name__}")
         m = inner
