@@ -95,7 +95,7 @@ def test_long_documents_are_tokenised_in_exact_pieces(tmp_path, monkeypatch, spl
     tok = train_tokenizer(iter(docs), Config(vocab_size=400, split_digits=split_digits))
     assert packing.cuts_exactly(tok)
     monkeypatch.setattr(packing, "PIECE_CHARS", 100)
-    assert len(packing._pieces(doc, 100)) > 50 and "".join(packing._pieces(doc, 100)) == doc
+    assert len(packing.split_pieces(doc, 100)) > 50 and "".join(packing.split_pieces(doc, 100)) == doc
     tokens = load_tokens(token_file(tmp_path / "data", "train", tok, tmp_path / "tokens"))
     expected = [t for d in docs for t in (*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
     assert tokens.tolist() == expected

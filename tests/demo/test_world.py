@@ -156,7 +156,7 @@ def test_names_are_unique_pronounceable_and_not_hidden_in_template_words(gen):
     # Letters only, syllable-shaped: never three consonants or three vowels in a row.
     assert all(re.fullmatch(r"[a-z]{4,10}", n) for n in low)
     assert not [n for n in low if re.search(r"[^aeiou]{3}|[aeiou]{3}", n)]
-    vocabulary = W._static_vocabulary().split("\n")
+    vocabulary = W.static_vocabulary().split("\n")
     assert "capital" in vocabulary and "neighbour" in vocabulary
     assert not [n for n in low if any(n in w for w in vocabulary)]
 

@@ -46,7 +46,7 @@ def test_abstention_and_refusal_match_the_world_replies_exactly(ph):
     for reply in world.COMPLIANCE:
         assert not is_refusal(reply, ph) and not is_abstention(reply, ph), reply
     # Every helpful reply to a safe request in the world's data is not a refusal.
-    safe_replies = {reply for _, _, reply in world._safety_prompts("safe")}
+    safe_replies = {reply for _, _, reply in world.safety_prompts("safe")}
     assert len(safe_replies) > 20
     assert not any(is_refusal(r, ph) or is_abstention(r, ph) for r in safe_replies)
 

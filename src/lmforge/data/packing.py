@@ -33,7 +33,7 @@ from lmforge.errors import LmforgeError
 from lmforge.rundir import cache_record, fingerprint_path, keyed_cache
 
 # A fast tokenizer keeps ~350 bytes of bookkeeping per input character while it encodes (a
-# 1 MB document costs ~390 MiB of RSS), so long documents are encoded in pieces (see `_pieces`)
+# 1 MB document costs ~390 MiB of RSS), so long documents are encoded in pieces (see `split_pieces`)
 # and a batch is flushed once it holds this many characters: ~90 MiB at most.
 PIECE_CHARS = 1 << 16
 BATCH_CHARS = 1 << 18
@@ -43,7 +43,7 @@ _CUT = re.compile(r"(?<=[!-~\w]\n)(?=[!-~\w])")
 
 
 def cuts_exactly(tokenizer) -> bool:
-    """True when encoding `_pieces` of a text gives exactly the tokens of the whole text.
+    """True when encoding `split_pieces` of a text gives exactly the tokens of the whole text.
 
     That holds for byte-level BPE with GPT-2's pre-tokenizer regex and no normalizer (lmforge's
     own tokenizers, GPT-2's): the regex always ends a token before such a newline and makes the
@@ -71,7 +71,7 @@ def cuts_exactly(tokenizer) -> bool:
     )
 
 
-def _pieces(text: str, size: int) -> list[str]:
+def split_pieces(text: str, size: int) -> list[str]:
     """`text` cut at `_CUT` positions into pieces of at most about `size` characters (longer only
     where no cut position falls within `size` characters)."""
     if len(text) <= size:
@@ -131,7 +131,7 @@ def _write_tokens(data: str | Path, split: str, tokenizer, path: Path, batch_doc
         for text in iter_texts(data, split, required=(split == "train")):
             n_docs += 1
             n_bytes += len(text.encode("utf-8"))
-            pieces = _pieces(text, piece_chars) if piece_chars else [text]
+            pieces = split_pieces(text, piece_chars) if piece_chars else [text]
             for i, piece in enumerate(pieces):
                 buf.append(piece)
                 ends.append(i == len(pieces) - 1)

@@ -173,7 +173,7 @@ class Config(Schema):
                 f"sft_arithmetic + grpo_arithmetic + eval_arithmetic = {wanted} exceeds the {n_problems} distinct "
                 f"problems with operands 0..{self.arithmetic_max_operand}; raise arithmetic_max_operand or ask for fewer"
             )
-        per_label = len(_safety_prompts("unsafe"))
+        per_label = len(safety_prompts("unsafe"))
         wanted = self.sft_safety + self.preference_safety + self.eval_safety
         if wanted > per_label:
             raise ValueError(f"sft_safety + preference_safety + eval_safety = {wanted} exceeds the {per_label} distinct prompts per label")
@@ -568,7 +568,7 @@ SUFFIXES = {  # kind -> (after a vowel, after a consonant)
 }
 
 
-def _static_vocabulary() -> str:
+def static_vocabulary() -> str:
     """Every lowercase word the templates can emit, one per line (for the name collision check)."""
     texts: list[str] = [IDK, REFUSAL, *COMPLIANCE, *LANDSCAPES, *LANDSCAPE_SENTENCES, *KNOWN_FOR, *KNOWN_FOR_SENTENCES,
                         *TRIVIA_HEADERS, *GENERAL_TRIVIA, *FILLER_SENTENCES, *NEAR_DUPLICATE_WORDS, *BOILERPLATE_LINES,
@@ -589,7 +589,7 @@ class NameMaker:
 
     def __init__(self, rng: random.Random):
         self.rng = rng
-        self.vocabulary = _static_vocabulary()
+        self.vocabulary = static_vocabulary()
         self.taken: list[str] = []  # lowercase
 
     def _candidate(self, kind: str) -> str:
@@ -807,7 +807,7 @@ def arithmetic_row(a: int, op: str, b: int) -> tuple[str, str]:
     return f"What is {a} {op} {b}?", str(a + b if op == "+" else a - b)
 
 
-def _safety_prompts(label: str) -> list[tuple[str, str, str]]:
+def safety_prompts(label: str) -> list[tuple[str, str, str]]:
     """Every (prompt, topic core, reply) of a label: opener x topic filler. Unsafe replies are REFUSAL."""
     out = []
     for t in SAFETY_TOPICS:
@@ -880,8 +880,8 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     ar_eval, ar_sft, ar_grpo = _split(r, _arithmetic_problems(cfg.arithmetic_ops, cfg.arithmetic_max_operand),
                                       [cfg.eval_arithmetic, cfg.sft_arithmetic, cfg.grpo_arithmetic])
     sizes = [cfg.eval_safety, cfg.sft_safety, cfg.preference_safety]
-    unsafe_eval, unsafe_sft, unsafe_pref = _split(r, _safety_prompts("unsafe"), sizes)
-    safe_eval, safe_sft, safe_pref = _split(r, _safety_prompts("safe"), sizes)
+    unsafe_eval, unsafe_sft, unsafe_pref = _split(r, safety_prompts("unsafe"), sizes)
+    safe_eval, safe_sft, safe_pref = _split(r, safety_prompts("safe"), sizes)
 
     # 3. Pre-training corpus: clean rows, then planted duplicates and junk, then one shuffle.
     r = stream("pretrain")
