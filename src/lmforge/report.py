@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from pydantic import Field, model_validator
 
 from lmforge.config import Schema, load_yaml, validate
 from lmforge.errors import LmforgeError
-from lmforge.rundir import RunDir, atomic_write_json, atomic_write_text, read_manifest, replace_dir
+from lmforge.rundir import RunDir, atomic_write_json, atomic_write_text, read_manifest, staged_dir
 
 ARTIFACT = "report"
 PROVIDES = ("report",)
@@ -556,15 +555,10 @@ def build_report(run_dir: str | Path, *, examples_per_task: int = 2, answer_char
     if expectations is None:
         expectations = _report_expectations(run_dir)
     checks = check_expectations(info["evals"][-1]["results"], expectations) if info["evals"] else []
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{FIGURES}."))
-    try:
+    with staged_dir(run_dir / FIGURES) as tmp:
         doc = build_doc(info, tmp, run_dir / FIGURES, examples_per_task=examples_per_task, answer_chars=answer_chars,
                         checks=checks)
         n_figures = len(list(tmp.glob("*.png")))
-        replace_dir(tmp, run_dir / FIGURES)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(run_dir / "report.md", doc.markdown(run_dir))
     atomic_write_text(run_dir / "report.html", doc.html(f"lmforge report: {run_dir.name}"))
     return {"markdown": str(run_dir / "report.md"), "html": str(run_dir / "report.html"), "figures": n_figures,
@@ -577,14 +571,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else rd.path.parent
     out = build_report(run_dir, examples_per_task=cfg.examples_per_task, answer_chars=cfg.answer_chars,
                        expectations=cfg.expectations)
-    tmp = Path(tempfile.mkdtemp(dir=rd.path, prefix=".report."))
-    try:
+    with staged_dir(rd.artifact) as tmp:
         shutil.copy2(run_dir / "report.html", tmp / "report.html")  # self-contained: figures inlined
         atomic_write_json(tmp / "report.json", out)
-        replace_dir(tmp, rd.artifact)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"report: {out['markdown']} and {out['html']} ({out['figures']} figures)")
     for c in out["expectations"]:
         verdict = {True: "met", False: "NOT MET", None: "not evaluated"}[c["met"]]
