@@ -127,7 +127,7 @@ def test_eval_fields_without_validation_data_are_refused_not_ignored(tmp_path, b
                            "data or remove them.$"):
             run(stage, {**cfg, "model": str(base_dir), "train": {**train, "early_stopping_patience": 2,
                                                                    "eval_every": 5}}, f"{stage}-refused")
-        with pytest.raises(LmforgeError, match=rf"^{stage}: train.keep_best true need"):
+        with pytest.raises(LmforgeError, match=rf"^{stage}: train.keep_best true needs a validation loss"):
             run(stage, {**cfg, "model": str(base_dir), "train": {**train, "keep_best": True}}, f"{stage}-kb")
         m = run(stage, {**cfg, "model": str(base_dir), "train": {**train, "eval_every": 0}}, f"{stage}-ok")
         assert m["status"] == "complete" and m["summary"]["best_val_loss"] is None
@@ -138,8 +138,7 @@ def test_eval_fields_without_validation_data_are_refused_not_ignored(tmp_path, b
     pq.write_table(pa.table({"text": ["What is two plus two? Two plus two is four. " * 20] * 20}),
                    data / "train-00000.parquet")
     pq.write_table(pa.table({"text": ["Hi."]}), data / "validation-00000.parquet")
-    cfg = pretrain_config(data, base_dir, max_steps=1, eval_batches=2)
-    cfg["train"].pop("eval_every")
-    with pytest.raises(LmforgeError, match=r"^pretrain: train.eval_batches 2 need a validation loss, and this run has "
+    cfg = pretrain_config(data, base_dir, max_steps=1, eval_every=5)
+    with pytest.raises(LmforgeError, match=r"^pretrain: train.eval_every 5 needs a validation loss, and this run has "
                        r"no validation data \(its validation split holds \d+ tokens, not more than one block of 32\)"):
         run("pretrain", cfg, "pretrain-refused")

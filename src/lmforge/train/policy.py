@@ -135,15 +135,16 @@ def max_length(asked: int | None, model, *, where: str) -> int:
 
 def refuse_eval_without_validation(train, *, stage: str, why: str) -> None:
     """A run without validation data cannot honour what needs a validation loss: early stopping,
-    periodic evaluation (eval_every > 0), eval_batches, keep_best set to true. Asking for them is
-    refused in one sentence rather than silently ignored; the defaults (and eval_every 0) pass."""
+    periodic evaluation (eval_every > 0), keeping the best weights (keep_best set to true). Asking
+    for them is refused in one sentence rather than silently ignored. The defaults pass, and so do
+    eval_every 0 and eval_batches (which only size an evaluation)."""
     asked = [f"early_stopping_patience {train.early_stopping_patience}"] if train.early_stopping_patience else []
     given = train.model_fields_set
     asked += [f"eval_every {train.eval_every}"] if "eval_every" in given and train.eval_every else []
-    asked += [f"eval_batches {train.eval_batches}"] if "eval_batches" in given else []
     asked += ["keep_best true"] if "keep_best" in given and train.keep_best else []
     if asked:
-        raise LmforgeError(f"{stage}: train.{', train.'.join(asked)} need a validation loss, and this run has no "
+        raise LmforgeError(f"{stage}: train.{', train.'.join(asked)} {'need' if len(asked) > 1 else 'needs'} a "
+                           "validation loss, and this run has no "
                            f"validation data ({why}); give validation data or remove {'them' if len(asked) > 1 else 'it'}.")
 
 
