@@ -68,12 +68,15 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs) * 1000, q))
 
 
-def timed(fn, queries) -> list[float]:
-    out = []
+def timed(fns: list, queries) -> list[list[float]]:
+    """Per-query seconds of each function; the functions take turns on each query, so a busy
+    machine's load swings hit them alike."""
+    out: list[list[float]] = [[] for _ in fns]
     for q in queries:
-        t = time.perf_counter()
-        fn(q)
-        out.append(time.perf_counter() - t)
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn(q)
+            out[i].append(time.perf_counter() - t)
     return out
 
 
@@ -126,9 +129,6 @@ def main() -> None:
         rng = np.random.default_rng(args.seed + 1)
         queries = [" ".join(rng.choice(texts[int(i)].split(), 4)) for i in rng.integers(0, len(texts), args.queries)]
         ix = open_index(tmp / "ix")
-        lm_q = timed(lambda q: ix.search(q, 10, mode="bm25"), queries)
-        bare_q = timed(lambda q: lexical.search(bare, lexical.terms([q])[0], 10), queries)
-
         def bm25s_bare(q):
             import bm25s
 
@@ -136,7 +136,8 @@ def main() -> None:
             return bare.retrieve(bm25s.tokenize([q], stopwords="en", return_ids=False, show_progress=False), k=10,
                                  show_progress=False)
 
-        lib_q = timed(bm25s_bare, queries)
+        lm_q, bare_q, lib_q = timed([lambda q: ix.search(q, 10, mode="bm25"),
+                                     lambda q: lexical.search(bare, lexical.terms([q])[0], 10), bm25s_bare], queries)
         print(f"BM25 query (k=10, {len(queries)} queries)  lmforge p50 {pct(lm_q, 50):.2f} ms p99 {pct(lm_q, 99):.2f} ms | "
               f"bm25s retrieve() p50 {pct(lib_q, 50):.2f} ms p99 {pct(lib_q, 99):.2f} ms | "
               f"bm25s scores+top-k p50 {pct(bare_q, 50):.2f} ms | lmforge/retrieve() p50 {pct(lm_q, 50) / pct(lib_q, 50):.2f}x")
@@ -155,9 +156,8 @@ def main() -> None:
         bare_dense_build = time.perf_counter() - t
         ix.embedder = StubEmbedder(args.dim, args.seed)
         qv = ix.embedder.embed(["x"])
-        lm_d = timed(lambda q: ix.search(q, 10, mode="dense"), queries[:50])
-        bare_d = timed(lambda q: flat.search(qv, 10), queries[:50])
-        hyb = timed(lambda q: ix.search(q, 10, mode="hybrid"), queries[:50])
+        lm_d, bare_d, hyb = timed([lambda q: ix.search(q, 10, mode="dense"), lambda q: flat.search(qv, 10),
+                                   lambda q: ix.search(q, 10, mode="hybrid")], queries[:50])
         print(f"dense add {len(ids):,} x {args.dim}: lmforge {lm_dense_build:.2f} s | FAISS bare {bare_dense_build:.2f} s")
         print(f"dense query (k=10, exact)  lmforge p50 {pct(lm_d, 50):.2f} ms p99 {pct(lm_d, 99):.2f} ms | FAISS bare "
               f"p50 {pct(bare_d, 50):.2f} ms p99 {pct(bare_d, 99):.2f} ms | ratio p50 {pct(lm_d, 50) / pct(bare_d, 50):.2f}x")
