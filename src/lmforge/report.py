@@ -420,6 +420,8 @@ def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int 
 
         if s["kind"] == "label" and s["summary"]:
             _label_section(doc, s)
+        if s["kind"] in ("index", "compare") and s["summary"]:
+            _retrieval_section(doc, s)
 
     curves = [(s, p) for s in info["stages"] if (p := loss_figure(s, figures)) is not None]
     if curves:
@@ -544,6 +546,29 @@ def _clip(text: str, n: int) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Writing
+
+
+def _retrieval_section(doc: Doc, s: dict) -> None:
+    """An index stage's size and retrieval quality; a compare stage's decision table."""
+    sm = s["summary"]
+    if s["kind"] == "index":
+        doc.h(2, f"Retrieval index ({s['name']})")
+        q = sm.get("quality") or {}
+        doc.p(f"{sm.get('documents')} documents, {sm.get('chunks')} chunks, {(sm.get('size_bytes') or 0) / 1e6:.2f} MB"
+              f" ({'BM25 + dense' if sm.get('dense') else 'BM25'}); " + (", ".join(
+                  f"{k} {100 * v:.1f}%" if k.startswith("recall") else f"{k} {v:.3f}" for k, v in q.items()
+                  if isinstance(v, float)) + f" on {q.get('n')} questions" if q else "no quality questions given") + ".")
+        return
+    path = s["artifact"] / "compare.json"
+    if not path.is_file():
+        return
+    from lmforge.eval.compare import HEADERS, decision_rows
+
+    rows, paired, summary = decision_rows(json.loads(path.read_text()))
+    doc.h(2, f"Prompt, few-shot, RAG or fine-tune? ({s['name']})")
+    doc.p(summary)
+    doc.table(HEADERS, rows)
+    doc.p("Paired differences in accuracy (percentage points, 95% CI): " + "; ".join(paired) + ".")
 
 
 def build_report(run_dir: str | Path, *, examples_per_task: int = 2, answer_chars: int = 300,

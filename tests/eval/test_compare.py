@@ -96,3 +96,19 @@ def test_compare_runs_every_arm_through_the_same_eval(tmp_path):
     ids = {n: json.loads((out / "work" / n / "manifest.json").read_text())["output_id"] for n in ("sft", "cpt", "cpt_sft")}
     run_single("compare", None, overrides, out=str(out), force=True, resume=False)
     assert ids == {n: json.loads((out / "work" / n / "manifest.json").read_text())["output_id"] for n in ids}
+
+    # the run's report shows the decision table (rows as compare.md has them)
+    from lmforge.report import build_report
+
+    report = Path(build_report(tmp_path)["markdown"]).read_text()
+    table = (out / "compare" / "compare.md").read_text()  # the re-run's (latency differs run to run)
+    assert "Prompt, few-shot, RAG or fine-tune? (cmp)" in report
+    assert all(line in report for line in table.splitlines() if line.startswith("| rag |"))
+
+
+def test_my_documents_recipe_is_a_valid_plan():
+    from lmforge.pipeline import builtin_recipe, load_recipe, plan
+
+    recipe, where = load_recipe(builtin_recipe("my_documents"))
+    assert [(p.name, p.kind) for p in plan(recipe, where=where)] == [
+        ("index", "index"), ("compare", "compare"), ("report", "report")]

@@ -321,23 +321,32 @@ def _fmt(e: dict | None) -> str:
     return f"{100 * e['value']:.1f}% [{100 * e['ci_low']:.1f}, {100 * e['ci_high']:.1f}]"
 
 
-def decision_table(doc: dict) -> str:
-    """The report's decision table: one row per arm, then the paired differences and a summary line."""
-    arms = doc["arms"]
-    lines = ["| arm | accuracy [95% CI] | hallucination | abstention | prompt tokens | latency p50 | tokens/s "
-             "| training time | training FLOPs | index size |", "|" + "---|" * 10]
+HEADERS = ["arm", "accuracy [95% CI]", "hallucination", "abstention", "prompt tokens", "latency p50", "tokens/s",
+           "training time", "training FLOPs", "index size"]
+
+
+def decision_rows(doc: dict) -> tuple[list[list[str]], list[str], str]:
+    """(one row per arm under HEADERS, the paired differences as lines, the summary sentence)."""
+    rows = []
     for a in doc["order"]:
-        r = arms[a]
-        ev = r["eval"]
-        lines.append(
-            f"| {a} | {_fmt(ev.get('accuracy'))} | {_fmt(ev.get('hallucination_rate'))} | "
-            f"{_fmt(ev.get('abstention_rate'))} | {r['prompt_tokens_mean']:.0f} | {1000 * r['latency']['p50_s']:.0f} ms | "
-            f"{r['latency']['tokens_per_s']:.0f} | {r['training']['seconds']:.0f} s | {r['training']['flops']:.2e} | "
-            f"{r['index_bytes'] / 1e6:.2f} MB |")
-    lines += ["", "Paired differences in accuracy (same questions; percentage points, 95% CI):", ""]
-    lines += [f"- {p['a']} − {p['b']}: {100 * p['value']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
+        r, ev = doc["arms"][a], doc["arms"][a]["eval"]
+        rows.append([a, _fmt(ev.get("accuracy")), _fmt(ev.get("hallucination_rate")), _fmt(ev.get("abstention_rate")),
+                     f"{r['prompt_tokens_mean']:.0f}", f"{1000 * r['latency']['p50_s']:.0f} ms",
+                     f"{r['latency']['tokens_per_s']:.0f}", f"{r['training']['seconds']:.0f} s",
+                     f"{r['training']['flops']:.2e}", f"{r['index_bytes'] / 1e6:.2f} MB"])
+    paired = [f"{p['a']} − {p['b']}: {100 * p['value']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
               for p in doc["paired"]]
-    lines += ["", _summary(doc)]
+    return rows, paired, _summary(doc)
+
+
+def decision_table(doc: dict) -> str:
+    """The decision table as Markdown: one row per arm, then the paired differences and a summary line."""
+    rows, paired, summary = decision_rows(doc)
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Paired differences in accuracy (same questions; percentage points, 95% CI):", ""]
+    lines += [f"- {p}" for p in paired]
+    lines += ["", summary]
     return "\n".join(lines) + "\n"
 
 
