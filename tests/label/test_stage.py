@@ -72,3 +72,29 @@ def test_pairwise_needs_two(tmp_path):
     with pytest.raises(LmforgeError, match="set k: 2"):
         run_single("label", None, ["mode=pairwise", "k=3", "responses=x.jsonl"], out=str(tmp_path / "l"), force=True,
                    resume=False, echo=lambda *a: None)
+
+
+def test_serves_until_every_item_is_judged(tmp_path):
+    import subprocess
+    import sys
+
+    import httpx
+
+    resp = tmp_path / "r.jsonl"
+    resp.write_text("".join(json.dumps({"prompt": f"Q{i}?", "responses": [f"a{i}", f"b{i}"]}) + "\n" for i in range(3)))
+    p = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "label", "--responses", str(resp), "--out",
+                          str(tmp_path / "lab"), "--add-annotator", "ann", "--port", "0", "--overlap", "0",
+                          "--max-wait", "300"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        link = next(line for line in p.stdout if line.startswith("label: annotator ann: ")).split()[-1]
+        base, token = link.split("?token=")
+        c = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        for _ in range(3):
+            item = c.get("/api/next").json()["item"]
+            ids = [r["id"] for r in item["responses"]]
+            assert c.post("/api/judgments", json={"item_id": item["id"], "verdict": "ranked", "ranking": ids}).status_code == 200
+        out = p.communicate(timeout=120)[0]  # the last judgment completes the work: the server stops by itself
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "label: every item judged; 3 judgments" in out, out
+    assert len((tmp_path / "lab/data/preference.jsonl").read_text().splitlines()) == 3
