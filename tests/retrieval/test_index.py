@@ -190,3 +190,15 @@ def test_sentence_transformers_folder_embeds_as_sentence_transformers_does(tmp_p
     # the same weights read as a causal LM are another embedding model: refused
     with pytest.raises(LmforgeError, match="was built with the embedding model"):
         open_index(tmp_path / "ix", embedding_model=tiny_model_dir)
+
+
+def test_cli_index_skips_unchanged_documents_and_keeps_the_index_on_a_fresh_start(tmp_path, docs_dir, tiny_model_dir):
+    from lmforge.retrieval.stage import cli_index
+
+    kw = dict(out=str(tmp_path / "ix"), tokenizer=str(tiny_model_dir), embedding_model=None, questions=None,
+              chunk_tokens=64, overlap=16)
+    first = cli_index([str(docs_dir)], **kw)
+    assert cli_index([str(docs_dir)], **kw)["output_id"] == first["output_id"]  # nothing changed: skipped
+    (docs_dir / "belor.md").write_text("Belor moved its capital to Ostra.")
+    s = cli_index([str(docs_dir)], **kw)["summary"]
+    assert (s["changed"], s["unchanged"], s["chunks_embedded"]) == (1, 2, 0)

@@ -105,4 +105,4 @@ def cli_index(documents: list[str], *, out: str, tokenizer: str | None, embeddin
     cfg = validate(Config, {"documents": documents, "tokenizer": tokenizer, "embedding_model": embedding_model,
                             "questions": questions, "chunk_tokens": chunk_tokens, "overlap": overlap}, where="index")
     rd = RunDir(Path(out), stage="index", artifact=ARTIFACT)
-    return run_stage(PlannedStage("index", "index", sys.modules[__name__], cfg, rd), force=True)
+    return run_stage(PlannedStage("index", "index", sys.modules[__name__], cfg, rd))  # unchanged inputs: skipped
