@@ -97,7 +97,11 @@ def test_bad_folders_are_one_sentence(tmp_path, base_dir, adapter_dir):
         load_model(adapter_dir, qlora=AdapterConfig(method="qlora"))
 
 
-def test_context_length_reads_the_config_or_says_none():
+def test_context_length_reads_the_config_or_says_none(base_dir, adapter_dir):
+    from lmforge.models import load_config
+
+    assert context_length(load_config(base_dir)) == context_length(load_model(base_dir)) == 64
+    assert context_length(load_config(adapter_dir)) == 64  # an adapter: its base's config, no weights read
     from types import SimpleNamespace
 
     from transformers import GPT2Config, LlamaConfig

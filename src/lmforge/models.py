@@ -180,10 +180,27 @@ def _with_reward_head(lm) -> torch.nn.Module:
     return model
 
 
+def load_config(path: str | Path):
+    """A model folder's transformers config without its weights (a stage folder: its artifact's;
+    an adapter: its base's). Never downloads."""
+    from transformers import AutoConfig
+
+    p = resolve_artifact(path, "model folder")
+    if is_adapter(p):
+        p = resolve_artifact(adapter_base(p), "base model folder")
+    if not (p / "config.json").is_file():
+        raise LmforgeError(f"{p} is not a Hugging Face model folder (no config.json); point to a saved model.")
+    try:
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # a config.json transformers cannot read
+        raise LmforgeError(f"The model in {p} has no usable config.json ({str(e).splitlines()[0]}).") from None
+
+
 def context_length(model) -> int | None:
-    """The model's longest sequence, from its config (a model or anything with `.config`);
+    """The model's longest sequence, from its config (a model, or a config from `load_config`);
     None when the config does not say."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = getattr(model, "config", model)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         v = getattr(cfg, name, None)
         if isinstance(v, int) and v > 0:

@@ -172,18 +172,9 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
 
 
 def _context(model: str) -> int:
-    from transformers import AutoConfig
+    from lmforge.models import context_length, load_config
 
-    from lmforge.models import context_length
-    from lmforge.rundir import resolve_artifact
-
-    folder = resolve_artifact(model, "model")
-    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-
-    class _M:  # context_length reads model.config
-        config = cfg
-
-    return context_length(_M())
+    return context_length(load_config(model))
 
 
 def _sub(rd: RunDir, name: str, kind: str, values: dict, *, force: bool = False) -> Path:

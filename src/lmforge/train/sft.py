@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from lmforge.adapters import AdapterConfig, adapter_base, is_adapter, merge
+from lmforge.adapters import AdapterConfig, merge
 from lmforge.config import Schema, TrainConfig
 from lmforge.data.formats import ReadStats, is_dataset_folder
 from lmforge.data.sft import (
@@ -47,7 +47,7 @@ from lmforge.data.sft import (
     tokenize_conversations,
 )
 from lmforge.errors import LmforgeError
-from lmforge.models import add_stop_token, check_compatible, context_length
+from lmforge.models import add_stop_token, check_compatible, context_length, load_config
 from lmforge.rundir import RunDir, resolve_artifact
 from lmforge.train import policy
 from lmforge.train.loop import LossOut, make_accelerator, train
@@ -158,20 +158,6 @@ def make_eval(val: LengthBatches, *, batch_size: int, max_batches: int):
     return evaluate
 
 
-def _context_of(model_dir: Path) -> int:
-    """The model's context length from its config alone (no weights loaded)."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    p = adapter_base(model_dir) if is_adapter(model_dir) else model_dir
-    try:
-        hf = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:  # a folder without a usable config.json
-        raise LmforgeError(f"The model in {p} has no usable config.json ({str(e).splitlines()[0]}).") from None
-    return context_length(SimpleNamespace(config=hf))
-
-
 def _splits(cfg: Config) -> tuple[dict, dict | None]:
     """How to read the train and validation rows: {patterns, dataset_split, keep}."""
     data = cfg.data
@@ -253,7 +239,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     # 1. Data: rows -> conversations -> tokens + mask, then the mask check.
     # (before the model loads, which can take minutes: bad data should fail at once)
     encoder = ChatEncoder(tokenizer, train_on_prompt=cfg.train_on_prompt)
-    seq_len = cfg.seq_len or min(_context_of(base_dir), DEFAULT_MAX_SEQ_LEN)
+    seq_len = cfg.seq_len or min(context_length(load_config(base_dir)) or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
     train_spec, val_spec = _splits(cfg)
     train_ex, train_stats = load_split(train_spec, cfg, encoder, seq_len, what="training")
     summary: dict = _data_report("train", train_ex, train_stats)
