@@ -130,9 +130,10 @@ def main() -> None:
                    "load": load, **est}
             rows.append(row)
             print(_line(row), flush=True)
-    out = ROOT / "out" / "bench_estimate.json"
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {out}")
+            out = ROOT / "out" / "bench_estimate.json"  # after every row: a long run interrupted keeps its rows
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(rows, indent=2))
+    print(f"wrote {ROOT / 'out' / 'bench_estimate.json'}")
 
 
 def _err(pred: float | None, real: float) -> str:

@@ -183,7 +183,8 @@ def lmforge_config(args, data: Path, tok_dir: Path, compile_: bool) -> dict:
         "lr": OPTIM["lr"], "betas": OPTIM["betas"], "eps": OPTIM["eps"], "weight_decay": OPTIM["weight_decay"],
         "grad_clip": OPTIM["grad_clip"], "warmup_steps": OPTIM["warmup_steps"], "schedule": "cosine",
         "precision": args.precision, "eval_every": 0, "checkpoint_every": 0, "log_every": args.warmup,
-        "tensorboard": False, "compile": compile_,
+        # the plain side keeps the default, train.compile auto (compiles if the predicted run repays it)
+        "tensorboard": False, "compile": True if compile_ else "auto",
     }
     return {"data": str(data), "tokenizer": str(tok_dir), "model": spec, "seq_len": seq_len, "train": train}
 

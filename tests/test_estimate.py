@@ -185,3 +185,17 @@ def test_compile_auto_compiles_only_when_the_predicted_run_repays_it(tmp_path):
     assert long is True and why.startswith("train.compile auto: predicted run")
     assert compile_choice(TrainConfig(compile=False, max_steps=10_000_000), model, _Blocks(),
                           device=torch.device("cpu")) == (False, None)
+
+
+def test_serving_largest_batch_and_decode_rate_hand_values():
+    from lmforge.estimate.devices import Device
+    from lmforge.estimate.predict import serving
+
+    s = llama2_7b()
+    dev = Device("x", "cuda", 80e9, 1e12, 100e12, 2e12, 0.0, 0.0)
+    out = serving(s, dev, 4096)
+    kv = 2 * 32 * 32 * 128 * 2  # 512 kB per token in bf16
+    assert out["kv_bytes_per_token"] == kv
+    assert out["max_batch"] == int((80e9 - s.params * 2) // (kv * 4096))  # 30
+    # batch 1 is bandwidth-bound: the weights and half a context of cache read once per token
+    assert out["tokens_per_s_batch1"] == pytest.approx(2e12 / (s.params * 2 + kv * 2048))

@@ -359,6 +359,7 @@ def estimate_cmd(
     processes: int = typer.Option(1, "--processes", help="Processes the stage runs on (torchrun); with train.fsdp they shard the states."),
     probe: bool = typer.Option(False, "--probe", help="Run three real steps of each stage here to calibrate, and say how far the static estimate was off."),
     only: Optional[str] = typer.Option(None, "--only", help="Estimate (and probe) only the recipe's stage of this name."),
+    context: Optional[int] = typer.Option(None, "--context", help="Context length for the serving figures (default: the model's).", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of stages (stage, peak_memory_bytes, wall_seconds, fits, advice, ...)."),
 ) -> None:
     """Predict each training stage's parameters, memory (broken down), FLOPs, step and wall time, and fit on a device."""
@@ -367,7 +368,7 @@ def estimate_cmd(
     from lmforge.estimate import estimate_target, render
 
     found = estimate_target(target, overrides or [], device=device, stage_kind=stage, probe=probe, processes=processes,
-                            only=only)
+                            only=only, context=context)
     print(json.dumps([e.as_dict() for e in found], indent=2, default=str) if as_json else render(found))
 
 

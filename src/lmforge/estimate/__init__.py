@@ -12,6 +12,7 @@ workload (configs -> workloads), predict, advice, probe.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -65,8 +66,8 @@ def workloads(target: str | Path, overrides: list[str] = (), *, stage_kind: str 
     return out
 
 
-def estimate_planned(w: Workload, dev: Device) -> Estimate:
-    e = estimate(w, dev)
+def estimate_planned(w: Workload, dev: Device, *, context: int | None = None) -> Estimate:
+    e = estimate(w, dev, context=context)
     e.advice = advise(w, dev)
     e.smallest_device = smallest_device(w)
     return e
@@ -74,7 +75,7 @@ def estimate_planned(w: Workload, dev: Device) -> Estimate:
 
 def estimate_target(target: str | Path, overrides: list[str] = (), *, device: str | None = None,
                     stage_kind: str | None = None, probe: bool = False, processes: int = 1,
-                    only: str | None = None) -> list[Estimate]:
+                    only: str | None = None, context: int | None = None) -> list[Estimate]:
     planned = workloads(target, overrides, stage_kind=stage_kind, processes=processes)
     if only is not None and only not in [n for n, _k, _w in planned]:
         raise LmforgeError(f"--only {only!r} names no stage of {target}; its stages: "
@@ -84,7 +85,7 @@ def estimate_target(target: str | Path, overrides: list[str] = (), *, device: st
     for name, _kind, w in planned:
         if w is None or (only is not None and name != only):
             continue
-        e = estimate_planned(w, dev)
+        e = estimate_planned(w, dev, context=context)
         if probe:
             from lmforge.estimate.probe import calibrate
 
@@ -147,7 +148,8 @@ def stage_estimate(kind: str, cfg, *, name: str | None = None) -> tuple[dict | N
         w = workload(name or kind, kind, cfg, Sources())
         if w is None:
             return None, None
-        e = estimate(w, lookup(None))
+        # the process has started already: what is left is loading the model, the steps and evaluations
+        e = estimate(w, replace(lookup(None), startup_s=0.0))
     except Exception as err:  # noqa: BLE001 - any failure here must not stop the training it describes
         return None, f"estimate unavailable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     line = (f"estimate: peak memory {_b(e.peak_memory_bytes)} of {_b(e.device_memory_bytes)}, wall "

@@ -45,7 +45,8 @@ class Device:
 
 
 def _gpu(name, mem_gb, fp32_tf, bf16_tf, bw_tbs, desc) -> Device:
-    return Device(name, "cuda", mem_gb * GB, fp32_tf * 1e12, bf16_tf * 1e12, bw_tbs * 1e12, 0.6 * GB, 40e-6, 8.0, desc)
+    # 250 us per layer forward: HF eager launches ~25 kernels per block
+    return Device(name, "cuda", mem_gb * GB, fp32_tf * 1e12, bf16_tf * 1e12, bw_tbs * 1e12, 0.6 * GB, 250e-6, 8.0, desc)
 
 
 TABLE: dict[str, Device] = {d.name: d for d in (

@@ -159,7 +159,7 @@ def _wall_seconds(w: Workload, dev: Device, step_s: float, prec: str, efficiency
 
 
 def estimate(w: Workload, dev: Device, *, calibration: Calibration | None = None,
-             efficiency: float | None = None) -> Estimate:
+             efficiency: float | None = None, context: int | None = None) -> Estimate:
     prec = precision_on(w, dev)
     eff = efficiency or MATMUL_EFFICIENCY[dev.kind]
     mem = memory(w, dev)
@@ -174,7 +174,7 @@ def estimate(w: Workload, dev: Device, *, calibration: Calibration | None = None
                  trainable=w.trainable, memory=mem, peak_memory_bytes=peak, device_memory_bytes=dev.memory_bytes,
                  fits=peak <= dev.memory_bytes, tokens_per_step=tokens, flops_per_step=flops, step_seconds=step_s,
                  steps=w.steps, wall_seconds=wall, tokens_total=tokens * w.steps, notes=list(w.notes))
-    e.serve = serving(w.shape, dev)
+    e.serve = serving(w.shape, dev, context)
     return e
 
 
@@ -189,9 +189,11 @@ def serving(shape: F.Shape, dev: Device, context: int | None = None) -> dict:
     flops = dev.flops("bf16" if dev.kind == "cuda" else "fp32") * MATMUL_EFFICIENCY[dev.kind]
 
     def tok_s(batch: int) -> float:
-        # each decode step reads every weight and, on average, half of each sequence's cache
+        # each decode step reads every weight and, on average, half of each sequence's cache, and
+        # attends over that half context (4 x layers x d_model x ctx/2 FLOPs per token)
         read = (weights + batch * kv * ctx / 2) / dev.bandwidth
-        step = max(read, 2 * shape.matmul_params * batch / flops) + shape.n_layers * dev.layer_overhead_s
+        work = batch * (2 * shape.matmul_params + 2 * shape.n_layers * shape.d_model * ctx) / flops
+        step = max(read, work) + shape.n_layers * dev.layer_overhead_s
         return batch / step
 
     return {"context": ctx, "kv_bytes_per_token": kv, "weights_bytes": weights, "max_batch": max_batch,
