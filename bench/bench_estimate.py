@@ -5,12 +5,12 @@
     python bench/bench_estimate.py --no-probe              # the static estimate only
 
 For each size (tiny 2x64, small 4x128, medium 8x256 Llamas) the stages pretrain, sft (full),
-sft (LoRA), dpo (LoRA) and grpo (LoRA) run on the built-in world's data. Each stage is measured
-alone: a recipe holding the stages up to it is run in a fresh process (the earlier ones are
-complete, so the runner skips them), and that process's peak RSS (wait4's rusage of the child)
-and wall time (start to exit, imports included — the estimate's wall includes start-up) are the
-measured figures. Before it runs, the same stage is estimated statically and with `--probe`
-(three real steps in their own process). Targets (issue 18): peak memory within +-20% and wall
+sft (LoRA), dpo (LoRA) and grpo (LoRA) run on the built-in world's data, each from its own
+config (`lmforge <stage> CONFIG --out DIR`, the later ones starting from that size's pretrained
+model) in a fresh process: that process's peak RSS (wait4's rusage of the child) and wall time
+(start to exit, imports included — the estimate's wall includes start-up) are the measured
+figures. Before it runs, the same config is estimated (`lmforge estimate CONFIG --stage KIND
+--json`) statically and with `--probe` (three real steps in their own process). Targets (issue 18): peak memory within +-20% and wall
 time within +-30% with the probe; the static error is reported as it is.
 
 Results: bench/out/bench_estimate.json and a table on stdout.
@@ -46,24 +46,29 @@ def base_stages(work: Path) -> list[dict]:
     ]
 
 
-def size_stages(base: Path, spec: dict, steps: dict) -> list[dict]:
+def size_stages(base: Path, out: Path, spec: dict, steps: dict) -> list[tuple[str, str, dict]]:
+    """(name, stage type, config) per stage; every stage after pretrain starts from its model."""
     world = base / "world" / "world"
+    model = str(out / "pretrain")
     common = {"log_every": 5, "checkpoint_every": 0, "tensorboard": False}
     lora = {"method": "lora", "r": 16, "alpha": 32}
     return [
-        {"stage": "pretrain", "data": str(base / "curate"), "tokenizer": str(base / "tokenizer"), "model": spec,
-         "train": {"max_steps": steps["pretrain"], "batch_size": 16, "eval_every": 0, "eval_batches": 5, **common}},
-        {"stage": "sft", "name": "sft_full", "model": "@pretrain", "data": [str(world / "sft" / "train.jsonl")],
-         "train": {"max_steps": steps["sft"], "batch_size": 16, "eval_every": 0, "eval_batches": 5, **common}},
-        {"stage": "sft", "name": "sft_lora", "model": "@pretrain", "data": [str(world / "sft" / "train.jsonl")],
-         "adapter": lora, "train": {"max_steps": steps["sft"], "batch_size": 16, "eval_every": 0, "eval_batches": 5,
-                                    **common}},
-        {"stage": "dpo", "model": "@pretrain", "data": [str(world / "preference" / "train.jsonl")], "method": "rpo",
-         "adapter": lora, "train": {"max_steps": steps["dpo"], "batch_size": 8, "eval_every": 0, "eval_batches": 5,
-                                    **common}},
-        {"stage": "grpo", "model": "@pretrain", "prompts": [str(world / "grpo" / "prompts.jsonl")],
-         "rewards": [{"kind": "answer"}], "group_size": 8, "prompts_per_step": 8, "rollout": {"max_new_tokens": 16},
-         "adapter": lora, "sample_every": 0, "train": {"max_steps": steps["grpo"], "batch_size": 32, **common}},
+        ("pretrain", "pretrain", {"data": str(base / "curate"), "tokenizer": str(base / "tokenizer"), "model": spec,
+                                  "train": {"max_steps": steps["pretrain"], "batch_size": 16, "eval_every": 0,
+                                            "eval_batches": 5, **common}}),
+        ("sft_full", "sft", {"model": model, "data": [str(world / "sft" / "train.jsonl")],
+                             "train": {"max_steps": steps["sft"], "batch_size": 16, "eval_every": 0, "eval_batches": 5,
+                                       **common}}),
+        ("sft_lora", "sft", {"model": model, "data": [str(world / "sft" / "train.jsonl")], "adapter": lora,
+                             "train": {"max_steps": steps["sft"], "batch_size": 16, "eval_every": 0, "eval_batches": 5,
+                                       **common}}),
+        ("dpo", "dpo", {"model": model, "data": [str(world / "preference" / "train.jsonl")], "method": "rpo",
+                        "adapter": lora, "train": {"max_steps": steps["dpo"], "batch_size": 8, "eval_every": 0,
+                                                   "eval_batches": 5, **common}}),
+        ("grpo", "grpo", {"model": model, "prompts": [str(world / "grpo" / "prompts.jsonl")],
+                          "rewards": [{"kind": "answer"}], "group_size": 8, "prompts_per_step": 8,
+                          "rollout": {"max_new_tokens": 16}, "adapter": lora, "sample_every": 0,
+                          "train": {"max_steps": steps["grpo"], "batch_size": 32, **common}}),
     ]
 
 
@@ -72,10 +77,10 @@ def write_recipe(path: Path, name: str, out_dir: Path, stages: list[dict]) -> Pa
     return path
 
 
-def run_measured(recipe: Path, env: dict) -> tuple[float, float, int]:
-    """(peak RSS bytes, wall seconds, exit status) of `lmforge run recipe` in its own process."""
+def run_measured(args: list[str], env: dict) -> tuple[float, float, int]:
+    """(peak RSS bytes, wall seconds, exit status) of `lmforge ARGS` in its own process."""
     t = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "run", str(recipe)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - t
@@ -84,10 +89,10 @@ def run_measured(recipe: Path, env: dict) -> tuple[float, float, int]:
     return usage.ru_maxrss * 1024.0, wall, status
 
 
-def estimate_stage(recipe: Path, name: str, probe: bool, env: dict) -> dict:
-    """`lmforge estimate RECIPE --only NAME --json` (and with --probe), as a user runs it."""
+def estimate_stage(cfg: Path, kind: str, probe: bool, env: dict) -> dict:
+    """`lmforge estimate CONFIG --stage KIND --json` (and with --probe), as a user runs it."""
     def cli(*extra: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "lmforge.cli", "estimate", str(recipe), "--only", name, "--json",
+        out = subprocess.run([sys.executable, "-m", "lmforge.cli", "estimate", str(cfg), "--stage", kind, "--json",
                               *extra], env=env, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"estimate failed: {out.stderr.strip()[-500:]}")
@@ -114,20 +119,18 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     base = write_recipe(work / "base.yaml", "base", work, base_stages(work))
-    _, _, st = run_measured(base, env)
+    _, _, st = run_measured(["run", str(base)], env)
     if st:
         raise SystemExit("the base stages (world, curate, tokenizer) failed")
     rows = []
     for size in args.sizes.split(","):
-        stages = size_stages(work / "base", SIZES[size], steps)
-        for k, s in enumerate(stages):
-            name = s.get("name", s["stage"])
-            recipe = write_recipe(work / f"{size}_{name}.yaml", size, work, stages[:k + 1])
-            est = estimate_stage(recipe, name, not args.no_probe, env)
-            peak, wall, st = run_measured(recipe, env)
-            load = os.getloadavg()[0]
+        for name, kind, cfg in size_stages(work / "base", work / size, SIZES[size], steps):
+            path = work / f"{size}_{name}.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            est = estimate_stage(path, kind, not args.no_probe, env)
+            peak, wall, st = run_measured([kind, str(path), "--out", str(work / size / name), "--force"], env)
             row = {"size": size, "stage": name, "measured_peak": peak, "measured_wall": wall, "status": st,
-                   "load": load, **est}
+                   "load": os.getloadavg()[0], **est}
             rows.append(row)
             print(_line(row), flush=True)
             out = ROOT / "out" / "bench_estimate.json"  # after every row: a long run interrupted keeps its rows

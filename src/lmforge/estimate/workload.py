@@ -210,9 +210,10 @@ def _pretrain(name, kind, cfg, src: Sources) -> Workload:
     if cfg.init_from:
         shape = src.model(cfg.init_from, what=f"{name}.init_from")
     else:
-        vocab = src.vocab_size(cfg.tokenizer)
+        vocab = src.vocab_size(cfg.tokenizer) if cfg.tokenizer else cfg.model.extra.get("vocab_size")
         if vocab is None:
-            raise LmforgeError(f"{name}.tokenizer is not set, so the vocabulary size is unknown; set it.")
+            raise LmforgeError(f"{name}.tokenizer is not set, so the vocabulary size is unknown; set it (or "
+                               "model.extra.vocab_size for an estimate).")
         shape = shape_of(hf_config(cfg.model, vocab_size=vocab, bos_id=None, eos_id=0, pad_id=None))
     seq = cfg.seq_len or shape.context
     return Workload(name, kind, shape, "none", shape.params, seq_len=seq, seqs_per_item=1, head_share=1.0,
