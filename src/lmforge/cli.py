@@ -22,6 +22,23 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _device_option(device: Optional[str]) -> Optional[str]:
+    """--device checked where it is given: a device torch knows, and present on this machine."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LmforgeError(f"--device {device!r} is not a device name torch knows; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise LmforgeError(f"--device {device}: this machine has {have} CUDA device(s); use --device cpu"
+                           f"{' or cuda:0' if have else ''}.")
+    return device
+
+
 OVERRIDES_HELP = "Overrides as key.path=value (for a recipe: stage_name.key.path=value), parsed as YAML values."
 
 
@@ -170,7 +187,7 @@ def score_cmd(
     file: str = typer.Argument(..., help="Rows to score: prompt + response/completion, prompt + chosen/rejected, or messages."),
     out: Optional[str] = typer.Option(None, "--out", help="Output JSONL (default: <file name>.scored.jsonl)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences scored together."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
+    device: Optional[str] = typer.Option(None, "--device", callback=_device_option, help="cpu, cuda, ... (default: cuda if available)."),
 ) -> None:
     """Score (prompt, response) rows with a reward model; pairs also get their pairwise accuracy."""
     from lmforge.scoring import score_file
@@ -215,7 +232,7 @@ def generate_cmd(
     n: Optional[int] = typer.Option(None, "-n", help="Completions per prompt (default 1)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     batch_size: int = typer.Option(32, "--batch-size", help="Completions decoded together."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    device: Optional[str] = typer.Option(None, "--device", callback=_device_option, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     index: Optional[str] = typer.Option(None, "--index", help="Retrieval index folder (lmforge index): the top passages go into each prompt's context section."),
     k: int = typer.Option(4, "--k", help="Passages retrieved per prompt (with --index)."),
@@ -255,7 +272,7 @@ def chat_cmd(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.9)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens per reply (default 256)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    device: Optional[str] = typer.Option(None, "--device", callback=_device_option, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     feedback: Optional[str] = typer.Option(None, "--feedback", help="A label folder (lmforge label --out): /good, /bad and /fix store ratings there as KTO and SFT data."),
     index: Optional[str] = typer.Option(None, "--index", help="Retrieval index folder (lmforge index): each message gets the top passages, and the reply lists their sources."),
@@ -281,7 +298,7 @@ def serve_cmd(
     api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="Require the bearer key held in this file."),
     max_concurrent: int = typer.Option(16, "--max-concurrent", help="Requests generated at once."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds before an unfinished request is cancelled."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    device: Optional[str] = typer.Option(None, "--device", callback=_device_option, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     index: Optional[List[str]] = typer.Option(None, "--index", help="Retrieval index for chat requests: DIR (named default) or NAME=DIR, repeatable; a request picks one with its `index` field."),
 ) -> None:
@@ -430,14 +447,21 @@ def _describe_os_error(e: OSError) -> str:
     """One sentence for a file-system refusal (a read-only folder, a full disk, a folder where a
     file was named): what the user fixes is the path or its permissions, not lmforge. Every
     write goes through a temporary file and a rename, so nothing half-written is left behind."""
+    import errno
+
     path = e.filename2 if e.filename2 is not None else e.filename  # a rename: its destination
-    reason = (e.strerror or type(e).__name__).rstrip(".")
+    reason = (e.strerror or type(e).__name__).rstrip(".").lower()
     hint = {
-        "PermissionError": "check the folder's permissions or choose another output folder",
-        "IsADirectoryError": "name a file, not a folder",
-        "FileNotFoundError": "check the path",
-    }.get(type(e).__name__, "check the path and the free space there")
-    return f"{os.fsdecode(path)}: {reason.lower()}; {hint}."
+        errno.EACCES: "check the folder's permissions or choose another output folder",
+        errno.EPERM: "check the folder's permissions or choose another output folder",
+        errno.EROFS: "choose an output folder on a writable file system",
+        errno.EISDIR: "name a file, not a folder",
+        errno.ENOTDIR: "part of the path is a file, not a folder",
+        errno.EEXIST: "a file is in the way of a folder lmforge must create; move it or choose another path",
+        errno.ENOSPC: "free some space or choose another output folder",
+        errno.EDQUOT: "free some space or choose another output folder",
+    }.get(e.errno, "check the path")
+    return f"{os.fsdecode(path)}: {reason}; {hint}."
 
 
 if __name__ == "__main__":

@@ -227,6 +227,7 @@ FILE_CASES = {
     "rng file of other content": ("rng-0.pt", lambda p: {"torch": torch.zeros(3)}, "rng-0.pt does not hold"),
     "weights of another shape": ("trainable.safetensors", None, "weight has shape [7, 3]"),
     "bytes that are no pickle": ("optimizer.pt", b"\x00not a pickle", "was not loaded"),
+    "weights file of other bytes": ("trainable.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", "cannot be read"),
 }
 
 
@@ -236,7 +237,7 @@ def test_tampered_file_with_rewritten_hash_fails_closed(tmp_path, case):
 
     name, make, named = FILE_CASES[case]
     path, model, _ = trained_checkpoint(tmp_path)
-    if name == "trainable.safetensors":
+    if name == "trainable.safetensors" and make is None:
         save_file({"weight": torch.zeros(7, 3), "bias": torch.zeros(2)}, str(path / name))
     elif isinstance(make, bytes):
         (path / name).write_bytes(make)
@@ -246,3 +247,23 @@ def test_tampered_file_with_rewritten_hash_fails_closed(tmp_path, case):
     with pytest.raises(LmforgeError) as e:
         load_fresh(path)
     assert_one_sentence(e.value, str(path), named)
+
+
+def test_best_weights_of_another_model_are_refused(tmp_path):
+    """checkpoints/best/ (loaded at the end of a run with keep_best) has no state.json; its weights
+    are still checked by name and shape before any is copied into the model."""
+    from safetensors.torch import save_file
+
+    best = tmp_path / "best"
+    best.mkdir()
+    save_file({"weight": torch.zeros(2, 5), "bias": torch.zeros(2)}, str(best / "trainable.safetensors"))
+    model, _, _ = setup_training()
+    before = model.weight.detach().clone()
+    with pytest.raises(LmforgeError) as e:
+        ckpt.load_trainable(model, best / "trainable.safetensors")
+    assert_one_sentence(e.value, str(best), "weight has shape [2, 5]")
+    assert torch.equal(model.weight, before)
+    (best / "trainable.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(LmforgeError) as e:
+        ckpt.load_trainable(model, best / "trainable.safetensors")
+    assert_one_sentence(e.value, str(best), "trainable.safetensors cannot be read")

@@ -201,3 +201,24 @@ def test_whole_config_check_is_not_called_config_key_config(monkeypatch, capsys,
     code, err = cli(monkeypatch, capsys, "run", recipe)
     line = one_sentence(code, err, "stages.0: vocab_size 100 is smaller")
     assert "Config key config" not in line
+
+
+def test_device_option_checked_where_given(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    base = ["generate", str(tiny_model_dir), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl")]
+    code, err = cli(monkeypatch, capsys, *base, "--device", "tpu")
+    one_sentence(code, err, "--device 'tpu' is not a device name torch knows")
+    import torch
+
+    if not torch.cuda.is_available():
+        code, err = cli(monkeypatch, capsys, *base, "--device", "cuda:3")
+        one_sentence(code, err, "--device cuda:3: this machine has 0 CUDA device(s); use --device cpu.")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_file_in_the_way_of_an_output_folder(monkeypatch, capsys, tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "some words to learn merges from " * 20}) + "\n")
+    cfg = write_yaml(tmp_path / "t.yaml", {"corpus": [str(tmp_path / "c.jsonl")], "vocab_size": 300})
+    (tmp_path / "taken").write_text("a file, not a folder")
+    code, err = cli(monkeypatch, capsys, "tokenizer", cfg, "--out", str(tmp_path / "taken" / "tok"))
+    one_sentence(code, err, str(tmp_path / "taken"), "part of the path is a file, not a folder")

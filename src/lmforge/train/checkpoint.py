@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError, reason
@@ -53,14 +53,19 @@ def trainable_state(model, *, is_main: bool = True) -> dict[str, torch.Tensor]:
 
 def load_trainable(model, path: Path, *, is_main: bool = True) -> None:
     """Load a trainable-parameter file (full tensors, by name) into the model's parameters. A
-    sharded model: process 0 alone reads it and scatters it into the shards (a collective)."""
-    if fsdp.is_sharded(model):
-        fsdp.load_model_state(model, load_file(str(path)) if is_main else {})
-        return
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in load_file(str(path)).items():
-            params[n].copy_(t)
+    sharded model: process 0 alone reads it and scatters it into the shards (a collective).
+    Every process first checks the names and shapes (the header only): one sentence on a mismatch."""
+    _check_trainable(path, model)
+    try:
+        if fsdp.is_sharded(model):
+            fsdp.load_model_state(model, load_file(str(path)) if is_main else {})
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in load_file(str(path)).items():
+                params[n].copy_(t)
+    except SafetensorError as e:  # a valid header over a truncated or damaged body
+        raise _corrupted(path.parent, f"{path.name} cannot be read: {reason(e)}") from None
 
 
 def rng_state() -> dict:
@@ -208,10 +213,14 @@ def _load_tensors_only(ckpt: Path, name: str, **kw):
         ) from None
 
 
-def _check_trainable(ckpt: Path, model) -> None:
+def _check_trainable(path: Path, model) -> None:
     """The safetensors file holds exactly the trainable parameters, each with the model's shape."""
-    with safe_open(str(ckpt / "trainable.safetensors"), framework="pt") as f:
-        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    ckpt = path.parent
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    except (OSError, SafetensorError) as e:  # missing, or not a safetensors file
+        raise _corrupted(ckpt, f"{path.name} cannot be read: {reason(e)}") from None
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in shapes]
     unknown = [n for n in shapes if n not in params]
@@ -251,7 +260,6 @@ def load(ckpt: Path, *, model, optimizer, scheduler, rank: int, world: int, requ
     # Same world size and same config (the pipeline resumes only then) => same train.fsdp.
     # Sharded: process 0 alone reads the tensors and scatters them; every process checks the names.
     sharded = fsdp.is_sharded(model)
-    _check_trainable(ckpt, model)
     reader = not sharded or rank == 0
     # mmap: a process that is not the reader touches only the scheduler's few bytes.
     opt = _load_tensors_only(ckpt, "optimizer.pt", mmap=not reader)
