@@ -117,7 +117,7 @@ def generate_items(cfg: Config, store: Store, counts: dict) -> None:
     from lmforge.generation import generate, load_model_for_inference
 
     stats = ReadStats()
-    rows = [(t, v, w) for t, v, w in read_prompt_rows(cfg, stats)]
+    rows = read_prompt_rows(cfg, stats)
     counts["skipped_prompt_rows"] = stats.as_dict()["skipped"]
     todo = [(str(v.get("id") or prompt_id_of(t)), t, w) for t, v, w in rows]
     todo = [x for x in todo if not store.has_item(x[0])]
