@@ -418,7 +418,8 @@ def main() -> None:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM, what a scheduler expects from a preempted job
     except LmforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One line whatever the message embeds (a library's multi-line reason, a field name with a newline)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -222,3 +222,14 @@ def test_a_file_in_the_way_of_an_output_folder(monkeypatch, capsys, tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     code, err = cli(monkeypatch, capsys, "tokenizer", cfg, "--out", str(tmp_path / "taken" / "tok"))
     one_sentence(code, err, str(tmp_path / "taken"), "part of the path is a file, not a folder")
+
+
+def test_a_multi_line_reason_still_prints_one_line(monkeypatch, capsys, tmp_path):
+    import lmforge.pipeline
+
+    def boom(*a, **kw):
+        raise LmforgeError("Input file x cannot be read (a library's reason\nspanning lines).")
+
+    monkeypatch.setattr(lmforge.pipeline, "run_single", boom)
+    code, err = cli(monkeypatch, capsys, "curate", "inputs=[x]")
+    one_sentence(code, err, "(a library's reason spanning lines).")

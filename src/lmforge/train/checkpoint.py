@@ -104,7 +104,8 @@ def step_dirs(root: Path) -> list[Path]:
 def save(root: Path, *, step: int, model, optimizer, scheduler, state: dict, rank: int, world: int,
          is_main: bool, barrier, keep: int) -> Path:
     """Write checkpoint `step` (every rank writes its RNG file; rank 0 writes the rest).
-    Every rank must call it: a sharded model's weights and optimizer state are gathered here."""
+    Every rank must call it: a sharded model's weights and optimizer state are gathered here.
+    `state`: the caller's own numbers (or None), e.g. early-stopping state; loading refuses others."""
     sharded = fsdp.is_sharded(model)
     weights = trainable_state(model, is_main=is_main)
     opt_state = fsdp.full_optimizer_state(model, optimizer) if sharded else None
