@@ -144,6 +144,15 @@ def test_plan_names_inputs_and_what_a_run_would_do(tmp_path, fake_stages):
     p = _plan(r, "second.value=5")  # only second's config changed
     assert p["first"][0] == "skip" and p["second"][:2] == ("afresh", "config changed (value)")
 
+    cfg_file = run / "second" / "config.yaml"  # as if written by a version without the field `source`
+    saved = cfg_file.read_text()
+    cfg_file.write_text(saved.replace("source:", "old_source:"))
+    m = read_manifest(run / "second")
+    m["hashes"]["config"] = m["input_hash"] = "older"
+    (run / "second" / "manifest.json").write_text(__import__("json").dumps(m))
+    assert _plan(r)["second"][1] == "config changed (old_source (field removed), source (new field))"
+    cfg_file.write_text(saved)
+
     p = _plan(r, "first.value=3")  # first re-runs, so second gets a new input
     assert p["first"][:2] == ("afresh", "config changed (value)")
     assert p["second"][:2] == ("afresh", "its input comes from stage first, which runs first")

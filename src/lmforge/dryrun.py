@@ -44,7 +44,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for k in sorted(set(old) | set(new), key=str):
-            out += _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+            if k not in old or k not in new:  # a field the stage's schema gained or lost since
+                out.append(f"{prefix}{k} ({'new field' if k not in old else 'field removed'})")
+            else:
+                out += _changed_keys(old[k], new[k], f"{prefix}{k}.")
         return out
     return [] if old == new else [prefix.rstrip(".")]
 
@@ -84,7 +87,8 @@ def outlook(planned: list[PlannedStage], *, force: bool = False) -> list[Outlook
         elif not m:
             action, why = "start", "no earlier run in this folder"
         elif upstream:
-            action, why = "afresh", f"its input comes from stage {', '.join(upstream)}, which runs first"
+            action, why = "afresh", (f"its input comes from stage {upstream[0]}, which runs first" if len(upstream) == 1
+                                     else f"its inputs come from stages {', '.join(upstream)}, which run first")
         elif m.get("input_hash") == h:
             action, why = ("skip", "unchanged since the last run") if m.get("status") == "complete" else (
                 "resume", f"interrupted (status {m.get('status')!r}); continues from its latest checkpoint")
