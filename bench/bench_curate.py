@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmforge.data.curate import MinHasher, _DocIndex, dedup_key, key_hash
+from lmforge.data.curate import DocIndex, MinHasher, dedup_key, key_hash
 
 ROOT = Path(__file__).resolve().parent
 
@@ -124,7 +124,7 @@ def index_bytes_per_doc(n: int, num_perm: int, threshold: float) -> float:
     sigs = rng.integers(0, 2**32, (n, num_perm), dtype=np.uint32)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    index = _DocIndex(hasher, threshold, (0.1, 0.9))
+    index = DocIndex(hasher, threshold, (0.1, 0.9))
     for i in range(n):
         index.add(sigs[i], 0, 0, i)
     used = tracemalloc.get_traced_memory()[0] - base

@@ -1,13 +1,15 @@
 """No module imports another module's private (_underscore) names: what a module keeps private it
 may change freely, so nothing outside it may depend on it. Checked on the syntax tree of every
-module in src/lmforge: `from lmforge.x import _name` and `x._name` on an imported lmforge module."""
+module in src/lmforge and bench/: `from lmforge.x import _name` and `x._name` on an imported lmforge
+module. (Tests may reach into the module they test.)"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "lmforge"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "lmforge"
 
 
 def private_uses(path: Path) -> list[str]:
@@ -36,6 +38,10 @@ def private_uses(path: Path) -> list[str]:
 
 def test_no_module_uses_another_modules_private_names():
     assert [u for f in sorted(SRC.rglob("*.py")) for u in private_uses(f)] == []
+
+
+def test_benchmarks_use_only_public_names_too():
+    assert [u for f in sorted((ROOT / "bench").rglob("*.py")) for u in private_uses(f)] == []
 
 
 def test_the_check_sees_both_forms(tmp_path):

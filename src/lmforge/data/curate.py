@@ -8,7 +8,7 @@ is counted under the first rule that removed it, and a few examples of each are 
 report (`curation_report.md` / `.json` next to the shards).
 
 Memory is bounded by one batch of documents plus, per document kept, what de-duplication must
-remember (see `_DocIndex`): texts are never accumulated. Train shards are written as documents
+remember (see `DocIndex`): texts are never accumulated. Train shards are written as documents
 arrive; validation/test documents go to a spill file first because a later train document may
 reveal that one of them leaks, and they are copied to their final shards at the end.
 
@@ -511,7 +511,7 @@ class MinHasher:
         return out
 
 
-class _DocIndex:
+class DocIndex:
     """Everything near dedup and the leakage check remember about each kept document.
 
     Per indexed document: its signature (4 * num_perm bytes: 512 B at 128), its split (1 B),
@@ -747,7 +747,7 @@ def _curate(cfg: Config, rd: RunDir, out: Path, t0: float) -> dict:
     index = None
     if dup_t is not None or leak_t is not None:
         hasher = MinHasher(cfg.near_dedup.num_perm, cfg.near_dedup.ngram, cfg.near_dedup.seed)
-        index = _DocIndex(hasher, min(t for t in (dup_t, leak_t) if t is not None), cfg.near_dedup.lsh_weights)
+        index = DocIndex(hasher, min(t for t in (dup_t, leak_t) if t is not None), cfg.near_dedup.lsh_weights)
     seen_hashes: set[int] = set()  # exact dedup: ~60 bytes per distinct document
     sources: dict[str, int] = {}
     leaked: dict[int, str] = {}  # index key of a validation/test doc -> why it leaks (found later)
@@ -885,7 +885,7 @@ def _curate(cfg: Config, rd: RunDir, out: Path, t0: float) -> dict:
     }
 
 
-def _where(index: _DocIndex, k: int, sources: dict[str, int]) -> str:
+def _where(index: DocIndex, k: int, sources: dict[str, int]) -> str:
     names = list(sources)  # small: one "<file> <unit>" entry per input file
     return f"{names[index.source[k]]} {int(index.row[k])}"
 
