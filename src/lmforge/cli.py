@@ -23,20 +23,13 @@ app = typer.Typer(
 )
 
 def _device_option(device: Optional[str]) -> Optional[str]:
-    """--device checked where it is given: a device torch knows, and present on this machine."""
-    if device is None:
-        return None
-    import torch
+    """--device checked where it is given (config.check_device, as every `device` setting)."""
+    from lmforge.config import check_device
 
     try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise LmforgeError(f"--device {device!r} is not a device name torch knows; use cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise LmforgeError(f"--device {device}: this machine has {have} CUDA device(s); use --device cpu"
-                           f"{' or cuda:0' if have else ''}.")
-    return device
+        return check_device(device)
+    except ValueError as e:
+        raise LmforgeError(f"--device {device}: {e}.") from None
 
 
 OVERRIDES_HELP = "Overrides as key.path=value (for a recipe: stage_name.key.path=value), parsed as YAML values."

@@ -13,10 +13,10 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmforge.errors import LmforgeError
 
@@ -162,6 +162,26 @@ def validate(schema: type[BaseModel], data: dict, *, where: str = "", prefix: st
 
 # --------------------------------------------------------------------------------------------
 # Shared schemas
+
+
+def check_device(name: str | None) -> str | None:
+    """`name` if torch knows the device and this machine has it (None passes: "the default");
+    raises ValueError with the reason otherwise. Every `device` setting and --device goes through it."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name!r} is not a device name torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f"this machine has {have} CUDA device(s); use cpu{' or cuda:0' if have else ''}")
+    return name
+
+
+Device = Annotated[str | None, AfterValidator(check_device)]  # a `device` setting, checked before any work
 
 
 class ModelSpec(Schema):

@@ -207,13 +207,17 @@ def test_device_option_checked_where_given(monkeypatch, capsys, tmp_path, tiny_m
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
     base = ["generate", str(tiny_model_dir), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl")]
     code, err = cli(monkeypatch, capsys, *base, "--device", "tpu")
-    one_sentence(code, err, "--device 'tpu' is not a device name torch knows")
+    one_sentence(code, err, "--device tpu: 'tpu' is not a device name torch knows")
     import torch
 
     if not torch.cuda.is_available():
         code, err = cli(monkeypatch, capsys, *base, "--device", "cuda:3")
-        one_sentence(code, err, "--device cuda:3: this machine has 0 CUDA device(s); use --device cpu.")
+        one_sentence(code, err, "--device cuda:3: this machine has 0 CUDA device(s); use cpu.")
     assert not (tmp_path / "o.jsonl").exists()
+    # a stage's `device` setting: the same check, before any work
+    cfg = write_yaml(tmp_path / "e.yaml", {"model": str(tiny_model_dir), "device": "tpu"})
+    code, err = cli(monkeypatch, capsys, "rejection", cfg, "--out", str(tmp_path / "rej"))
+    one_sentence(code, err, "Config key device is invalid (got 'tpu'): 'tpu' is not a device name torch knows")
 
 
 def test_a_file_in_the_way_of_an_output_folder(monkeypatch, capsys, tmp_path):

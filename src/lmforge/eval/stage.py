@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from lmforge.config import Schema
+from lmforge.config import Device, Schema
 from lmforge.errors import LmforgeError
 from lmforge.eval import stats
 from lmforge.eval.scorers import SCORERS, Phrases, win
@@ -100,7 +100,7 @@ class Config(Schema):
                                      "(tasks' own `sampling` wins). Default: greedy.")
     batch_size: int = Field(32, ge=1, description="Prompts generated together / text windows per forward pass.")
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig, description="Confidence intervals.")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1, ...; None = cuda when available.")
+    device: Device = Field(None, description="cpu, cuda, cuda:1, ...; None = cuda when available.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on a GPU that supports "
                                                             "it, fp32 on CPU.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (None = torch's default).")

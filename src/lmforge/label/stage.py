@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.config import Schema
+from lmforge.config import Device, Schema
 from lmforge.data.formats import BadRows, OnBadRows, ReadStats
 from lmforge.data.preference import read_prompt_rows
 from lmforge.errors import LmforgeError
@@ -85,7 +85,7 @@ class Config(Schema):
         None, description="The labelling database (default: <stage folder>/labels.sqlite); when given it is an input: "
         "new judgments in it re-run the stage.")
     max_batch: int = Field(32, ge=1, description="Responses decoded together.")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (None = cuda when available).")
+    device: Device = Field(None, description="cpu, cuda, cuda:1, ... (None = cuda when available).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Sampling dtype (auto: bf16 on GPU).")
 
     @model_validator(mode="after")

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from lmforge.config import Schema
+from lmforge.config import Device, Schema
 from lmforge.data.chat import encode as encode_chat
 from lmforge.errors import LmforgeError
 from lmforge.generation import Engine, encode_prompts, load_model_for_inference
@@ -38,7 +38,7 @@ class ServeConfig(Schema):
     served_name: str | None = Field(None, description="Model id clients pass as `model` (default: the folder's name).")
     host: str = Field("127.0.0.1", description="Address to bind; 127.0.0.1 keeps the server private to this machine.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda when available).")
+    device: Device = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda when available).")
     dtype: str = Field("auto", description="auto, fp32, bf16 or fp16.")
     max_tokens: int = Field(512, ge=1, description="Most completion tokens one request may ask for (also the default).")
     max_prompt_tokens: int | None = Field(

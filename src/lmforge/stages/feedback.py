@@ -62,7 +62,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.config import Schema, load_yaml, validate
+from lmforge.config import Device, Schema, load_yaml, validate
 from lmforge.data.chat import encode as encode_chat
 from lmforge.data.formats import OnBadRows, ReadStats
 from lmforge.data.preference import read_prompt_rows
@@ -147,7 +147,7 @@ class Config(Schema):
                                  "max_new_tokens (as chosen data it would teach the model not to stop).")
     seed: int = Field(0, ge=0, description="Seeds the principle chosen per prompt and the judge's retries.")
     max_batch: int = Field(32, ge=1, description="Sequences decoded together.")
-    device: str | None = Field(None, description="cpu, cuda, ... (None = cuda when available).")
+    device: Device = Field(None, description="cpu, cuda, ... (None = cuda when available).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Model dtype (auto: bf16 on GPU).")
 
     @model_validator(mode="after")

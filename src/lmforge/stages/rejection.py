@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lmforge.config import Schema
+from lmforge.config import Device, Schema
 from lmforge.data.chat import encode as encode_chat
 from lmforge.data.formats import OnBadRows, ReadStats
 from lmforge.data.preference import read_prompt_rows
@@ -70,7 +70,7 @@ class Config(Schema):
     max_batch: int = Field(64, ge=1, description="Responses decoded together.")
     score_batch_size: int = Field(32, ge=1, description="Sequences per reward-model forward pass.")
     chunk_prompts: int = Field(256, ge=1, description="Prompts sampled and scored per round (bounds memory).")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (None = cuda when available).")
+    device: Device = Field(None, description="cpu, cuda, cuda:1, ... (None = cuda when available).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Sampling dtype (auto: bf16 on GPU).")
 
 

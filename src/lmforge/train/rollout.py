@@ -45,7 +45,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lmforge import losses as L
 from lmforge.adapters import AdapterConfig, trainable_report
-from lmforge.config import Schema, TrainConfig
+from lmforge.config import Device, Schema, TrainConfig
 from lmforge.data.chat import encode as encode_chat
 from lmforge.data.formats import OnBadRows, ReadStats
 from lmforge.data.preference import read_prompt_rows
@@ -101,7 +101,7 @@ class RLFields(Schema):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Full fine-tuning or a peft adapter.")
     sample_every: int = Field(10, ge=0, description="Write a few sample responses every N steps (0 = never).")
     samples_shown: int = Field(3, ge=1, description="Sample responses written each time (log.txt, samples.jsonl).")
-    device: str | None = Field(None, description="Reward model device (None = the policy's).")
+    device: Device = Field(None, description="Reward model device (None = the policy's).")
     train: TrainConfig = Field(
         default_factory=_rl_train, description="Optimiser settings; max_steps counts rollout steps, batch_size x "
         "grad_accum rows make one optimizer step; eval/early-stopping/keep_best fields are unused.")
