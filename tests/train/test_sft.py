@@ -195,4 +195,5 @@ def test_fsdp_two_processes_match_one_and_save_a_whole_model(tmp_path, base_dir,
     r = subprocess.run([*torchrun, str(lora), "--out", str(tmp_path / "lora")], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode != 0
-    assert "sft: train.fsdp shards full-model training only (pretrain, or sft without an adapter)" in r.stderr + r.stdout
+    # refused when the config is read, before any model loads
+    assert "train.fsdp shards full fine-tuning only (an adapter is too small to shard" in r.stderr + r.stdout
