@@ -199,3 +199,11 @@ def test_serving_largest_batch_and_decode_rate_hand_values():
     assert out["max_batch"] == int((80e9 - s.params * 2) // (kv * 4096))  # 30
     # batch 1 is bandwidth-bound: the weights and half a context of cache read once per token
     assert out["tokens_per_s_batch1"] == pytest.approx(2e12 / (s.params * 2 + kv * 2048))
+
+
+def test_lora_activation_elements_hand_value():
+    s = llama2_7b()
+    # q, k, v, o, gate, up take d inputs, down takes d_ff: 6 x 4096 + 11008, plus r = 16 each, per block
+    per_block = 6 * 4096 + 11008 + 7 * 16
+    assert F.lora_activation_elements(s, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"], 16) == 32 * per_block

@@ -48,10 +48,12 @@ def _families(w: Workload) -> list[list[Change]]:
 
 def _adapter(w: Workload, method: str) -> Workload:
     from lmforge.adapters import AdapterConfig
-    from lmforge.estimate.workload import trainable_of
+    from lmforge.estimate.workload import adapter_activation, trainable_of
 
     ref = "adapter-off" if w.reference == "copy" else w.reference
-    return w.with_(method=method, trainable=trainable_of(w.shape, AdapterConfig(method=method)), reference=ref)
+    spec = AdapterConfig(method=method)
+    return w.with_(method=method, trainable=trainable_of(w.shape, spec), adapter_act=adapter_activation(w.shape, spec),
+                   reference=ref)
 
 
 def _gb(x: float) -> str:

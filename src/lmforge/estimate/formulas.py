@@ -67,14 +67,21 @@ def lora_params(shape: Shape, targets: list[str] | str, r: int, *, dora: bool = 
     DoRA's magnitude vector). `targets` are peft's: names matched against the end of module names,
     or "all-linear" (every linear layer but the output head)."""
     total = 0
-    for lin in shape.linears:
-        if targets == "all-linear":
-            hit = not lin.name.endswith("lm_head")
-        else:
-            hit = any(lin.name == t or lin.name.endswith("." + t) for t in targets)
-        if hit:
-            total += r * (lin.in_features + lin.out_features) + (lin.out_features if dora else 0)
+    for lin in _adapted(shape, targets):
+        total += r * (lin.in_features + lin.out_features) + (lin.out_features if dora else 0)
     return total
+
+
+def _adapted(shape: Shape, targets: list[str] | str) -> list[Linear]:
+    if targets == "all-linear":
+        return [x for x in shape.linears if not x.name.endswith("lm_head")]
+    return [x for x in shape.linears if any(x.name == t or x.name.endswith("." + t) for t in targets)]
+
+
+def lora_activation_elements(shape: Shape, targets: list[str] | str, r: int) -> int:
+    """Elements per token a LoRA adapter adds to the saved activations: each adapted layer keeps its
+    own dropout of the input (in_features) and the rank-r projection (r), for the backward."""
+    return sum(x.in_features + r for x in _adapted(shape, targets))
 
 
 def prefix_params(shape: Shape, num_virtual_tokens: int) -> int:

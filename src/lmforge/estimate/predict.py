@@ -93,6 +93,8 @@ def memory(w: Workload, dev: Device, *, activations: float | None = None) -> dic
     if activations is None:
         head_tokens = int(w.micro_tokens * w.head_share)
         activations = F.activation_bytes(w.shape, w.micro_tokens, head_tokens, act_b, checkpointing=w.checkpointing)
+        if not w.checkpointing:
+            activations += w.micro_tokens * w.adapter_act * act_b
     out["activations"] = activations
     if w.rollout is not None:
         kv = F.kv_bytes_per_token(w.shape, act_b) * min(w.rollout.max_batch, w.rollout.rows) * (

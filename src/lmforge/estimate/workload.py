@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.estimate.formulas import Linear, Shape, lora_params, prefix_params
+from lmforge.estimate.formulas import Linear, Shape, lora_activation_elements, lora_params, prefix_params
 
 TRAINING = ("pretrain", "sft", "dpo", "reward", "ppo", "grpo")
 ASSUMED_PROMPT_TOKENS = 64  # RL prompts when the prompt file cannot be read yet
@@ -58,6 +58,7 @@ class Workload:
     reward_model: Shape | None = None
     rollout: Rollout | None = None
     checkpoint_every: int = 0
+    adapter_act: int = 0  # activation elements per token an adapter adds (LoRA's dropout copies and rank-r outputs)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -192,6 +193,15 @@ def trainable_of(shape: Shape, adapter: Any) -> int:
     return lora_params(shape, targets, adapter.r, dora=adapter.method == "dora")
 
 
+def adapter_activation(shape: Shape, adapter: Any) -> int:
+    from lmforge.adapters import DEFAULT_TARGETS
+
+    if adapter is None or adapter.method not in ("lora", "dora", "qlora"):
+        return 0
+    targets = adapter.target_modules or DEFAULT_TARGETS.get(shape.model_type, "all-linear")
+    return lora_activation_elements(shape, targets, adapter.r)
+
+
 def _train_fields(cfg) -> dict:
     t = cfg.train
     return dict(precision=t.precision, batch=t.batch_size, grad_accum=t.grad_accum, steps=t.max_steps,
@@ -225,7 +235,8 @@ def _sft(name, kind, cfg, src: Sources) -> Workload:
     seq = cfg.seq_len or min(shape.context, 2048)
     notes = () if cfg.batching == "pack" else (f"batching {cfg.batching}: rows assumed {seq} tokens long (an upper "
                                                "bound; --probe measures the real lengths)",)
-    return Workload(name, kind, shape, cfg.adapter.method, trainable_of(shape, cfg.adapter), seq_len=seq,
+    return Workload(name, kind, shape, cfg.adapter.method, trainable_of(shape, cfg.adapter),
+                    adapter_act=adapter_activation(shape, cfg.adapter), seq_len=seq,
                     seqs_per_item=1, head_share=0.5, checkpointing=cfg.gradient_checkpointing, notes=notes,
                     **_train_fields(cfg))
 
@@ -234,7 +245,8 @@ def _dpo(name, kind, cfg, src: Sources) -> Workload:
     shape = src.model(cfg.model, what=f"{name}.model")
     seq = cfg.max_length or shape.context
     ref = "none" if cfg.method in ("simpo", "orpo") else "cached"
-    return Workload(name, kind, shape, cfg.adapter.method, trainable_of(shape, cfg.adapter), seq_len=seq,
+    return Workload(name, kind, shape, cfg.adapter.method, trainable_of(shape, cfg.adapter),
+                    adapter_act=adapter_activation(shape, cfg.adapter), seq_len=seq,
                     seqs_per_item=2, head_share=0.5, checkpointing=False, reference=ref,
                     notes=(f"sequences assumed max_length {seq} tokens (an upper bound; --probe measures them)",),
                     **_train_fields(cfg))
@@ -243,7 +255,8 @@ def _dpo(name, kind, cfg, src: Sources) -> Workload:
 def _reward(name, kind, cfg, src: Sources) -> Workload:
     shape = src.model(cfg.model, what=f"{name}.model")
     seq = cfg.max_length or shape.context
-    return Workload(name, kind, shape, cfg.adapter.method, trainable_of(shape, cfg.adapter), seq_len=seq,
+    return Workload(name, kind, shape, cfg.adapter.method, trainable_of(shape, cfg.adapter),
+                    adapter_act=adapter_activation(shape, cfg.adapter), seq_len=seq,
                     seqs_per_item=2, head_share=0.0, checkpointing=False, **_train_fields(cfg))
 
 
@@ -262,7 +275,8 @@ def _rl(name, kind, cfg, src: Sources) -> Workload:
         rm = src.model(cfg.reward_model, what=f"{name}.reward_model")
     fields = _train_fields(cfg)
     fields["steps"] = cfg.train.max_steps
-    return Workload(name, kind, shape, cfg.adapter.method, trainable_of(shape, cfg.adapter), seq_len=prompt + new,
+    return Workload(name, kind, shape, cfg.adapter.method, trainable_of(shape, cfg.adapter),
+                    adapter_act=adapter_activation(shape, cfg.adapter), seq_len=prompt + new,
                     seqs_per_item=1, head_share=new / (prompt + new), checkpointing=False, reference=ref,
                     value_head=kind == "ppo", reward_model=rm, rollout=rollout,
                     notes=(f"prompts assumed {prompt} tokens",), **fields)
