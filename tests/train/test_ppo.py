@@ -122,8 +122,8 @@ def test_rollout_tensors_and_the_first_update_ratio_is_exactly_one(tmp_path, tin
     # the reward: 1 for "is", minus the missing-EOS penalty for a response cut at max_new_tokens
     assert torch.equal(ro.scores, torch.tensor(ro.parts["contains"], dtype=torch.float32) - 0.5 * (~ro.finished).float())
 
-    chunks = s.chunks(torch.arange(len(ro)))
-    score_pass(s.net, s.ref, ro, chunks, temperature=0.7, autocast=s.acc.autocast)
+    chunks = [c for step in s.micro_batches(torch.arange(len(ro))) for c in step]  # the first pass's
+    score_pass(s.net, s.ref, ro, chunks, temperature=0.7, autocast=s.t.acc.autocast)
     # the scoring forward uses the sampling distribution: it agrees with the sampler's own log-probs...
     assert torch.allclose(ro.old_logp, ro.sampler_logp, atol=1e-4)
     # ...which a forward at another temperature would not

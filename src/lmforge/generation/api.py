@@ -34,21 +34,23 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[in
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]],
              params: SamplingParams | None = None, *, max_batch: int = 32, add_special_tokens: bool = True,
-             on_finish: Any = None) -> list[Completion]:
+             on_finish: Any = None, seed_stream: int = 0) -> list[Completion]:
     """Sample `params.n` completions of every prompt; returns them prompt by prompt, sample by sample.
 
     prompts     strings (tokenised here) or lists of token ids
     max_batch   rows decoded together; finished rows are replaced by waiting prompts at once
     on_finish   optional callback(Completion) as each completion finishes (progress bars)
 
-    With `params.seed` set, completion j of prompt i uses random stream i * n + j, so the result
-    does not depend on max_batch or on the other prompts (up to float rounding).
+    With `params.seed` set, completion j of prompt i uses random stream seed_stream + i * n + j, so
+    the result does not depend on max_batch or on the other prompts (up to float rounding); a
+    caller that splits one request's prompts over processes passes each share's first global
+    stream, so every completion samples as it would in one call.
     """
     params = params or SamplingParams()
     engine = Engine(model, tokenizer, max_batch=max_batch)
     rows: list[Row] = []
     for i, ids in enumerate(encode_prompts(tokenizer, prompts, add_special_tokens=add_special_tokens)):
-        rows += engine.add(ids, params, tag=i, seed_stream=i * params.n, where=f"prompt {i}")
+        rows += engine.add(ids, params, tag=i, seed_stream=seed_stream + i * params.n, where=f"prompt {i}")
     while engine.has_work():
         for r in engine.step():
             if r.finished and on_finish is not None:

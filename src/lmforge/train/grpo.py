@@ -34,22 +34,21 @@ Example on the world's arithmetic (rows {"prompt", "answer"}), trained on the ev
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from pydantic import Field
 
 from lmforge import losses as L
-from lmforge.progress import Progress
 from lmforge.rundir import RunDir
-from lmforge.train.loop import SigtermFlag
 from lmforge.train.rollout import (
+    MicroOut,
     RLFields,
+    Rollout,
+    Session,
     check_minibatches,
     entropy_of,
     epoch_orders,
     forward,
-    score_pass,
     setup,
 )
 
@@ -63,13 +62,6 @@ class Config(RLFields):
     beta: float = Field(0.04, ge=0, description="Weight of the KL-to-reference loss term (0 = no reference).")
     clip: float = Field(0.2, gt=0, description="Policy ratio clip range.")
     scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std (false: Dr. GRPO).")
-
-
-@dataclass
-class MicroOut:
-    loss: torch.Tensor  # SUM over the micro-batch's response tokens (differentiable)
-    stats: dict[str, torch.Tensor]  # detached sums over tokens
-    ratio_dev: torch.Tensor  # max |ratio - 1| over the micro-batch's tokens
 
 
 def grpo_micro_loss(logp, old_logp, ref_logp, adv, mask, *, clip: float, beta: float) -> MicroOut:
@@ -87,84 +79,71 @@ def grpo_micro_loss(logp, old_logp, ref_logp, adv, mask, *, clip: float, beta: f
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     G = cfg.group_size
     s = setup(cfg, rd, resume, stage="grpo", group=G, value_head=False, reference=cfg.beta > 0)
-    T = cfg.rollout.temperature
-    per_opt = cfg.train.batch_size * cfg.train.grad_accum
-    need_old = check_minibatches(cfg, cfg.rows_per_rollout(G)) > 1  # else old log-probs = the forward's own
-    with SigtermFlag() as sigterm, Progress("grpo", cfg.train.max_steps, start=s.step, every=cfg.train.log_every) as prog:
+    with s.t:
         while s.step < cfg.train.max_steps:
             t0 = time.time()
-            with s.saving_on_error():  # sampling and scoring: nothing is updated yet
-                ro = s.rollout()
+            ro = s.rollout()  # every process holds the whole rollout; each scores and trains on its share
             t_roll = time.time() - t0
-            adv = L.group_advantages(ro.scores, G, scale=cfg.scale_rewards)  # (N,): rows are group-major
-            adv_tok = adv.unsqueeze(1) * ro.mask
-            orders = epoch_orders(len(ro), cfg.epochs, s.step, cfg.train.seed, group=G)
-            if need_old or cfg.beta > 0:
-                score_pass(s.net, s.ref, ro, s.chunks(orders[0]), temperature=T, autocast=s.acc.autocast,
-                           old=need_old, reference=cfg.beta > 0)
-            per_token = {"adv": adv_tok, "sampler_logp": ro.sampler_logp}
-            if need_old:
-                per_token["old_logp"] = ro.old_logp
-            if cfg.beta > 0:
-                per_token["ref_logp"] = ro.ref_logp
-
-            sums: dict[str, torch.Tensor] = {}
-            first: dict[str, torch.Tensor] = {}  # the rollout policy's KL, entropy, sampler gap (first pass)
-            ratio_dev_first, grad_norm = None, 0.0
-            for e, order in enumerate(orders):  # epochs
-                for start in range(0, len(order), per_opt):  # optimizer steps
-                    rows = order[start:start + per_opt]
-                    n_tok = ro.mask[rows].sum()
-                    loss_sum = dev = torch.zeros((), device=n_tok.device)
-                    for idx in s.chunks(rows):  # micro-batches (gradient accumulation)
-                        mb = ro.micro(idx, **per_token)
-                        with s.acc.autocast():
-                            logits, _ = forward(s.net, mb)
-                        logp = L.token_logprobs(logits, mb["labels"], temperature=T)
-                        old = mb["old_logp"] if need_old else logp.detach()
-                        out = grpo_micro_loss(logp, old, mb.get("ref_logp"), mb["adv"], mb["mask"], clip=cfg.clip,
-                                              beta=cfg.beta)
-                        s.acc.backward(out.loss / n_tok)
-                        loss_sum = loss_sum + out.loss.detach()
-                        dev = torch.maximum(dev, out.ratio_dev)
-                        for k, v in out.stats.items():
-                            sums[k] = sums.get(k, 0) + v
-                        if e == 0 and not need_old:  # one optimizer step: this forward IS the rollout policy
-                            with torch.no_grad():
-                                part = {"kl": out.stats["kl"], "entropy": (entropy_of(logits, T) * mb["mask"]).sum(),
-                                        "gap": ((logp.detach() - mb["sampler_logp"]).abs() * mb["mask"]).sum()}
-                            for k, v in part.items():
-                                first[k] = first.get(k, 0) + v
-                    grad_norm = s.optimizer_step((loss_sum / n_tok).item())  # one host sync per optimizer step
-                    ratio_dev_first = dev.item() if ratio_dev_first is None else ratio_dev_first
-
-            sums = {k: v.item() for k, v in sums.items()}
-            n_tok_all = max(sums["tokens"], 1.0)
-            groups = ro.scores.view(-1, G)
-            if need_old:  # from the score pass
-                entropy = L.masked_mean(ro.entropy, ro.mask).item()
-                gap = L.masked_mean((ro.old_logp - ro.sampler_logp).abs(), ro.mask).item()
-                kl = (L.kl_estimate(ro.old_logp, ro.ref_logp, "k3") * ro.mask).sum(-1).mean().item() if cfg.beta else None
-            else:
-                n_first = ro.mask.sum().item()
-                entropy, gap = first["entropy"].item() / n_first, first["gap"].item() / n_first
-                kl = first["kl"].item() / len(ro) if cfg.beta else None
-            record = {
-                "reward": float(ro.scores.mean()),
-                **{f"reward/{k}": float(v.mean()) for k, v in ro.parts.items()},
-                "reward_std": float(groups.std(dim=1).mean()),
-                "zero_std_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
-                **({"kl": kl} if kl is not None else {}),
-                "entropy": entropy, "clipfrac": sums["clipped"] / n_tok_all,
-                "policy_loss": sums["policy_loss"] / n_tok_all,
-                "response_length": float(ro.mask.sum(-1).mean()), "eos_rate": float(ro.finished.float().mean()),
-                "ratio_dev_first": ratio_dev_first, "sampler_logp_gap": gap, "grad_norm": grad_norm,
-                "rollout_s": t_roll, "update_s": time.time() - t0 - t_roll,
-            }
-            s.end_step(record, ro, sigterm=sigterm, prog=prog)
+            record = train_on(s, cfg, ro)
+            record.update(rollout_s=t_roll, update_s=time.time() - t0 - t_roll)
+            s.end_step(record, ro)
 
     logged = [m for m in rd.read_metrics() if "reward" in m]
     return s.finish({
         "reward_first": logged[0]["reward"] if logged else None, "reward_last": logged[-1]["reward"] if logged else None,
         "kl_last": logged[-1].get("kl") if logged else None, "group_size": G, "rewards": s.rewards.names,
     })
+
+
+def train_on(s: Session, cfg: Config, ro: Rollout) -> dict:
+    """Group advantages, the score pass when needed, `epochs` passes of optimizer steps; the step's metrics."""
+    G, T, ref = cfg.group_size, cfg.rollout.temperature, cfg.beta > 0
+    # One optimizer step per rollout: the old log-probs are the update forward's own, detached.
+    need_old = check_minibatches(cfg, len(ro), s.t.world) > 1
+    adv = L.group_advantages(ro.scores, G, scale=cfg.scale_rewards)  # (N,): rows are group-major
+    orders = epoch_orders(len(ro), cfg.epochs, s.step, cfg.train.seed, group=G)
+    if need_old or ref:
+        s.score(ro, orders[0], old=need_old, reference=ref)
+    per_token = {"adv": adv.unsqueeze(1) * ro.mask, "sampler_logp": ro.sampler_logp}
+    if need_old:
+        per_token["old_logp"] = ro.old_logp
+    if ref:
+        per_token["ref_logp"] = ro.ref_logp
+    first: dict[str, torch.Tensor] = {}  # the rollout policy's KL, entropy, sampler gap (no score pass)
+
+    def micro_loss(idx: torch.Tensor, epoch: int) -> MicroOut:
+        mb = ro.micro(idx, **per_token)
+        with s.t.acc.autocast():
+            logits, _ = forward(s.net, mb)
+        logp = L.token_logprobs(logits, mb["labels"], temperature=T)
+        old = mb["old_logp"] if need_old else logp.detach()
+        out = grpo_micro_loss(logp, old, mb.get("ref_logp"), mb["adv"], mb["mask"], clip=cfg.clip, beta=cfg.beta)
+        if epoch == 0 and not need_old:  # one optimizer step: this forward IS the rollout policy
+            with torch.no_grad():
+                part = {"kl": out.stats["kl"], "entropy": (entropy_of(logits, T) * mb["mask"]).sum(),
+                        "gap": ((logp.detach() - mb["sampler_logp"]).abs() * mb["mask"]).sum()}
+            for k, v in part.items():
+                first[k] = first.get(k, 0) + v
+        return out
+
+    up = s.update(ro, orders, micro_loss)
+    if need_old:  # from the score pass
+        entropy = L.masked_mean(ro.entropy, ro.mask).item()
+        gap = L.masked_mean((ro.old_logp - ro.sampler_logp).abs(), ro.mask).item()
+        kl = (L.kl_estimate(ro.old_logp, ro.ref_logp, "k3") * ro.mask).sum(-1).mean().item() if ref else None
+    else:
+        n_first, first_sums = ro.mask.sum().item(), s.t.global_sums(first)
+        entropy, gap = first_sums["entropy"] / n_first, first_sums["gap"] / n_first
+        kl = first_sums["kl"] / len(ro) if ref else None
+    n_tok = max(up.sums["tokens"], 1.0)
+    groups = ro.scores.view(-1, G)
+    return {
+        "reward": float(ro.scores.mean()),
+        **{f"reward/{k}": float(v.mean()) for k, v in ro.parts.items()},
+        "reward_std": float(groups.std(dim=1).mean()),
+        "zero_std_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        **({"kl": kl} if kl is not None else {}),
+        "entropy": entropy, "clipfrac": up.sums["clipped"] / n_tok, "policy_loss": up.sums["policy_loss"] / n_tok,
+        "response_length": float(ro.mask.sum(-1).mean()), "eos_rate": float(ro.finished.float().mean()),
+        "ratio_dev_first": up.ratio_dev_first, "sampler_logp_gap": gap, "grad_norm": up.grad_norm,
+    }

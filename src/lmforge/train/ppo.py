@@ -36,17 +36,14 @@ Example (after `reward`, which the stage picks up as `reward_model`):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from lmforge import losses as L
-from lmforge.progress import Progress
 from lmforge.rundir import RunDir
-from lmforge.train.loop import SigtermFlag
-from lmforge.train.rollout import RLFields, epoch_orders, forward, score_pass, setup
+from lmforge.train.rollout import MicroOut, RLFields, Rollout, Session, epoch_orders, forward, setup
 
 ARTIFACT = "model"
 PROVIDES = ("model",)
@@ -90,13 +87,6 @@ def adaptive_kl_coef(coef: float, kl: float, *, target: float, horizon: int, n: 
     return coef * (1.0 + err * n / horizon)
 
 
-@dataclass
-class MicroOut:
-    loss: torch.Tensor  # SUM over the micro-batch's response tokens (differentiable)
-    stats: dict[str, torch.Tensor]  # detached sums over tokens (no host sync until the step is logged)
-    ratio_dev: torch.Tensor  # max |ratio - 1| over the micro-batch's tokens
-
-
 def ppo_micro_loss(logp, old_logp, values, old_values, adv, returns, mask, *, clip: float, value_clip: float,
                    vf_coef: float) -> MicroOut:
     """Clipped policy loss + vf_coef x clipped value loss, summed over the tokens of a micro-batch."""
@@ -116,67 +106,56 @@ def ppo_micro_loss(logp, old_logp, values, old_values, adv, returns, mask, *, cl
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     s = setup(cfg, rd, resume, stage="ppo", group=1, value_head=True, reference=True)
     kl_coef = float(s.state.get("kl_coef", cfg.kl_coef))
-    T = cfg.rollout.temperature
-    per_opt = cfg.train.batch_size * cfg.train.grad_accum
-    with SigtermFlag() as sigterm, Progress("ppo", cfg.train.max_steps, start=s.step, every=cfg.train.log_every) as prog:
+    with s.t:
         while s.step < cfg.train.max_steps:
             t0 = time.time()
-            with s.saving_on_error():  # sampling and scoring: nothing is updated yet
-                ro = s.rollout()
+            ro = s.rollout()  # every process holds the whole rollout; each scores and trains on its share
             t_roll = time.time() - t0
-            orders = epoch_orders(len(ro), cfg.epochs, s.step, cfg.train.seed)
-            score_pass(s.net, s.ref, ro, s.chunks(orders[0]), temperature=T, autocast=s.acc.autocast)
-            rewards, kl = token_rewards(ro.scores, ro.old_logp, ro.ref_logp, ro.mask, kl_coef=kl_coef,
-                                        estimator=cfg.kl_estimator)
-            adv, returns = L.gae(rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
-                adv = L.whiten(adv, ro.mask)
-
-            sums: dict[str, torch.Tensor] = {}
-            ratio_dev_first, grad_norm = None, 0.0
-            for order in orders:  # PPO epochs
-                for start in range(0, len(order), per_opt):  # optimizer steps
-                    rows = order[start:start + per_opt]
-                    n_tok = ro.mask[rows].sum()
-                    loss_sum = dev = torch.zeros((), device=n_tok.device)
-                    for idx in s.chunks(rows):  # micro-batches (gradient accumulation)
-                        mb = ro.micro(idx, old_logp=ro.old_logp, old_values=ro.values, adv=adv, returns=returns)
-                        with s.acc.autocast():
-                            logits, values = forward(s.net, mb)
-                        logp = L.token_logprobs(logits, mb["labels"], temperature=T)
-                        out = ppo_micro_loss(logp, mb["old_logp"], values, mb["old_values"], mb["adv"], mb["returns"],
-                                             mb["mask"], clip=cfg.clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef)
-                        s.acc.backward(out.loss / n_tok)
-                        loss_sum = loss_sum + out.loss.detach()
-                        dev = torch.maximum(dev, out.ratio_dev)
-                        for k, v in out.stats.items():
-                            sums[k] = sums.get(k, 0) + v
-                    grad_norm = s.optimizer_step((loss_sum / n_tok).item())  # one host sync per optimizer step
-                    ratio_dev_first = dev.item() if ratio_dev_first is None else ratio_dev_first
-
-            sums = {k: v.item() for k, v in sums.items()}
-            n_tok_all = max(sums["tokens"], 1.0)
-            kl_seq = float(kl.sum(-1).mean())
-            record = {
-                "reward": float(ro.scores.mean()),
-                **{f"reward/{k}": float(v.mean()) for k, v in ro.parts.items()},
-                "kl": kl_seq, "kl_coef": kl_coef,
-                "entropy": float(L.masked_mean(ro.entropy, ro.mask)),
-                "clipfrac": sums["clipped"] / n_tok_all, "approx_kl": sums["approx_kl"] / n_tok_all,
-                "policy_loss": sums["policy_loss"] / n_tok_all, "value_loss": sums["value_loss"] / n_tok_all,
-                "value_mean": float(L.masked_mean(ro.values, ro.mask)),
-                "response_length": float(ro.mask.sum(-1).mean()), "eos_rate": float(ro.finished.float().mean()),
-                "ratio_dev_first": ratio_dev_first,
-                "sampler_logp_gap": float(L.masked_mean((ro.old_logp - ro.sampler_logp).abs(), ro.mask)),
-                "grad_norm": grad_norm, "rollout_s": t_roll, "update_s": time.time() - t0 - t_roll,
-            }
+            record = train_on(s, cfg, ro, kl_coef)
+            record.update(rollout_s=t_roll, update_s=time.time() - t0 - t_roll)
             if cfg.kl_target is not None:
-                kl_coef = adaptive_kl_coef(kl_coef, kl_seq, target=cfg.kl_target, horizon=cfg.kl_horizon, n=len(ro))
+                kl_coef = adaptive_kl_coef(kl_coef, record["kl"], target=cfg.kl_target, horizon=cfg.kl_horizon,
+                                           n=len(ro))
             s.state["kl_coef"] = kl_coef
-            s.end_step(record, ro, sigterm=sigterm, prog=prog)
+            s.end_step(record, ro)
 
     logged = [m for m in rd.read_metrics() if "reward" in m]
     return s.finish({
         "reward_first": logged[0]["reward"] if logged else None, "reward_last": logged[-1]["reward"] if logged else None,
         "kl_last": logged[-1]["kl"] if logged else None, "kl_coef": kl_coef, "rewards": s.rewards.names,
     })
+
+
+def train_on(s: Session, cfg: Config, ro: Rollout, kl_coef: float) -> dict:
+    """Score pass, KL-penalised rewards, GAE, then `epochs` passes of optimizer steps; the step's metrics."""
+    T = cfg.rollout.temperature
+    orders = epoch_orders(len(ro), cfg.epochs, s.step, cfg.train.seed)
+    s.score(ro, orders[0])
+    rewards, kl = token_rewards(ro.scores, ro.old_logp, ro.ref_logp, ro.mask, kl_coef=kl_coef, estimator=cfg.kl_estimator)
+    adv, returns = L.gae(rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+        adv = L.whiten(adv, ro.mask)
+
+    def micro_loss(idx: torch.Tensor, epoch: int) -> MicroOut:
+        mb = ro.micro(idx, old_logp=ro.old_logp, old_values=ro.values, adv=adv, returns=returns)
+        with s.t.acc.autocast():
+            logits, values = forward(s.net, mb)
+        logp = L.token_logprobs(logits, mb["labels"], temperature=T)
+        return ppo_micro_loss(logp, mb["old_logp"], values, mb["old_values"], mb["adv"], mb["returns"], mb["mask"],
+                              clip=cfg.clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef)
+
+    up = s.update(ro, orders, micro_loss)
+    n_tok = max(up.sums["tokens"], 1.0)
+    return {
+        "reward": float(ro.scores.mean()),
+        **{f"reward/{k}": float(v.mean()) for k, v in ro.parts.items()},
+        "kl": float(kl.sum(-1).mean()), "kl_coef": kl_coef,
+        "entropy": float(L.masked_mean(ro.entropy, ro.mask)),
+        "clipfrac": up.sums["clipped"] / n_tok, "approx_kl": up.sums["approx_kl"] / n_tok,
+        "policy_loss": up.sums["policy_loss"] / n_tok, "value_loss": up.sums["value_loss"] / n_tok,
+        "value_mean": float(L.masked_mean(ro.values, ro.mask)),
+        "response_length": float(ro.mask.sum(-1).mean()), "eos_rate": float(ro.finished.float().mean()),
+        "ratio_dev_first": up.ratio_dev_first,
+        "sampler_logp_gap": float(L.masked_mean((ro.old_logp - ro.sampler_logp).abs(), ro.mask)),
+        "grad_norm": up.grad_norm,
+    }

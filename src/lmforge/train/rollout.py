@@ -30,11 +30,10 @@ the prompts and sampling seeds of step k depend only on k, so a resumed run equa
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +53,8 @@ from lmforge.generation import Completion, SamplingParams, generate
 from lmforge.models import cache_kwarg, context_length, output_cache
 from lmforge.rewards import Rewards, RewardSpec
 from lmforge.rundir import RunDir, atomic_write_text
-from lmforge.train import checkpoint as ckpt
 from lmforge.train import policy
-from lmforge.train.loop import lr_lambda, make_accelerator, make_optimizer
+from lmforge.train.loop import Trainer, make_accelerator
 
 # --------------------------------------------------------------------------------------------
 # Configuration shared by ppo and grpo
@@ -64,7 +62,11 @@ from lmforge.train.loop import lr_lambda, make_accelerator, make_optimizer
 
 def _rl_train() -> TrainConfig:
     return TrainConfig(max_steps=100, batch_size=8, lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0,
-                       checkpoint_every=10, log_every=1)
+                       checkpoint_every=10, log_every=1, eval_every=0, keep_best=False, compile=False)
+
+
+# Set in a stage's `train:`, these would be silently ignored: the RL stages have no validation loss.
+_NO_EVAL = ("eval_every", "eval_batches", "keep_best", "early_stopping_patience")
 
 
 class RolloutConfig(Schema):
@@ -103,34 +105,51 @@ class RLFields(Schema):
     samples_shown: int = Field(3, ge=1, description="Sample responses written each time (log.txt, samples.jsonl).")
     device: Device = Field(None, description="Reward model device (None = the policy's).")
     train: TrainConfig = Field(
-        default_factory=_rl_train, description="Optimiser settings; max_steps counts rollout steps, batch_size x "
-        "grad_accum rows make one optimizer step; eval/early-stopping/keep_best fields are unused.")
+        default_factory=_rl_train, description="Optimiser settings; max_steps counts rollout steps (the LR schedule "
+        "moves once per rollout step), batch_size x grad_accum rows per process make one optimizer step; the "
+        "evaluation fields, compile and fsdp are refused (no validation loss; see lmforge.train.rollout).")
 
     @field_validator("train", mode="before")
     @classmethod
     def _rl_train_defaults(cls, v: Any) -> Any:
         """A partial `train:` fills up from the RL defaults (lr 1e-5, constant, ...), not the pre-training ones."""
-        return {**_rl_train().model_dump(), **v} if isinstance(v, dict) else v
+        if not isinstance(v, dict):
+            return v
+        bad = [k for k in _NO_EVAL if k in v and v[k] not in (None, 0, False)]
+        if bad:
+            raise ValueError(f"train.{bad[0]} needs a validation loss, which RL stages do not have (they log the "
+                             "reward and KL every step); remove it")
+        return {**_rl_train().model_dump(), **v}
 
     @model_validator(mode="after")
     def _rl_checks(self) -> "RLFields":
         if self.adapter.method == "prefix":
             raise ValueError("prefix tuning adds key/value positions the sampler and the scoring forward do not share; "
                              "use adapter.method lora, dora or qlora")
-        if self.train.early_stopping_patience is not None:
-            raise ValueError("train.early_stopping_patience needs a validation loss, which RL stages do not have")
+        t = self.train
+        if t.early_stopping_patience is not None or t.eval_every or t.keep_best:
+            raise ValueError("train.early_stopping_patience, eval_every and keep_best need a validation loss, which RL "
+                             "stages do not have")
+        if t.compile is True:  # "auto" runs eagerly here (the Trainer logs it)
+            raise ValueError("train.compile is refused by the RL stages: every rollout has new shapes (a recompile per "
+                             "step), and the first update's ratio must be bitwise 1 between the no-grad score pass and "
+                             "the update; set train.compile: false")
+        if t.fsdp:
+            raise ValueError("train.fsdp is refused by the RL stages: each process samples with the whole policy, so "
+                             "it cannot be sharded; set train.fsdp: false (several processes then use DDP)")
         return self
 
     def rows_per_rollout(self, group: int) -> int:
         return self.prompts_per_step * group
 
 
-def check_minibatches(cfg: RLFields, n_rows: int) -> int:
+def check_minibatches(cfg: RLFields, n_rows: int, world: int = 1) -> int:
     """Optimizer steps per rollout; one sentence if the rollout does not split into whole steps."""
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     if n_rows % per_step:
-        raise LmforgeError(f"A rollout holds {n_rows} responses, which train.batch_size x train.grad_accum = {per_step} "
-                           "does not divide; make prompts_per_step (x group_size) a multiple of it.")
+        by = " x processes" if world > 1 else ""
+        raise LmforgeError(f"A rollout holds {n_rows} responses, which train.batch_size x train.grad_accum{by} = "
+                           f"{per_step} does not divide; make prompts_per_step (x group_size) a multiple of it.")
     return cfg.epochs * n_rows // per_step
 
 
@@ -393,26 +412,54 @@ def sampling_seed(seed: int, step: int) -> int:
 
 
 @dataclass
+class MicroOut:
+    """One micro-batch's loss, as ppo_micro_loss / grpo_micro_loss return it."""
+
+    loss: torch.Tensor  # SUM over the micro-batch's response tokens (differentiable)
+    stats: dict[str, torch.Tensor]  # detached sums over tokens (no host sync until the step is logged)
+    ratio_dev: torch.Tensor  # max |ratio - 1| over the micro-batch's tokens
+
+
+@dataclass
+class Updates:
+    """What the optimizer steps of one rollout step report (summed over processes)."""
+
+    sums: dict[str, float]  # the MicroOut stats
+    ratio_dev_first: float  # max |ratio - 1| in the first optimizer step (0.0: see the module docstring)
+    grad_norm: float  # of the last optimizer step
+
+
+def share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of n items that process `rank` of `world` takes: contiguous, sizes differing by <= 1."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+@dataclass
 class Session:
     cfg: RLFields
     rd: RunDir
     stage: str
-    acc: Any
+    t: Trainer  # the shared step machinery: optimizer step, logging, checkpoints, resume, SIGTERM
     tokenizer: Any
     lm: Any  # the policy (peft model with an adapter)
-    net: Any  # PolicyValue as prepared by accelerate
     ref: Any  # frozen reference PolicyValue, or None (adapter disabled, or no reference needed)
-    optimizer: Any
-    scheduler: Any
     rewards: Rewards
     prompts: Prompts
     base_dir: Path
     group: int  # responses per prompt
-    step: int = 0
-    state: dict = field(default_factory=dict)
-    writer: Any = None
-    last_saved: int = -1
-    t_start: float = field(default_factory=time.time)
+
+    @property
+    def net(self):
+        """PolicyValue as prepared by accelerate (DDP with several processes)."""
+        return self.t.engine
+
+    @property
+    def step(self) -> int:
+        return self.t.step
+
+    @property
+    def state(self) -> dict:
+        return self.t.state
 
     # ---- one rollout ------------------------------------------------------------------------
 
@@ -421,94 +468,133 @@ class Session:
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def rollout(self) -> Rollout:
-        """Sample group responses for this step's prompts and score them (nothing is updated yet, so
-        an error here loses no work: see `saving_on_error`)."""
-        cfg = self.cfg
+        """Sample group responses for this step's prompts and score them. Each process samples and
+        scores its share of the prompts, then every process receives the whole rollout: response j
+        of the step's prompt i samples from random stream i * group + j whichever process draws it,
+        so the rollout is the one a single process would sample. Nothing is updated yet, so an error
+        here (a reward function that fails on some row) keeps the completed steps: they are
+        checkpointed before the one sentence reaches the user."""
+        from accelerate.utils import gather_object
+
+        cfg, t = self.cfg, self.t
         idx = prompt_indices(len(self.prompts.ids), self.step, cfg.prompts_per_step, cfg.train.seed)
+        lo, hi = share(len(idx), t.rank, t.world)
+        mine, error = None, None
+        try:
+            mine = self._sample_and_score(idx[lo:hi], first_stream=lo * self.group)
+        except LmforgeError as e:
+            if isinstance(e, StopRun):
+                raise
+            error = str(e)
+        got = gather_object([(mine, error)])  # one (share, error) per process, in rank order
+        errors = [e for _, e in got if e is not None]
+        if errors:
+            self._stop(errors[0])
+        shares = [m for m, _ in got]
+        comps = [c for m in shares for c in m[0]]
+        rows = [r for m in shares for r in m[1]]
+        total = [x for m in shares for x in m[2]]
+        ro = pack([self.prompts.ids[i] for i in rows], comps, pad_id=self.tokenizer.pad_token_id, device=t.acc.device)
+        ro.parts = {k: np.concatenate([m[3][k] for m in shares]) for k in shares[0][3]}
+        scores = torch.tensor(total, dtype=torch.float32, device=t.acc.device)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
+        ro.scores = scores
+        ro.prompt_index = rows  # indices into all prompts
+        ro.group = self.group
+        return ro
+
+    def _sample_and_score(self, idx: list[int], *, first_stream: int):
+        cfg = self.cfg
         params = SamplingParams(temperature=cfg.rollout.temperature, top_p=1.0, top_k=0,
                                 max_new_tokens=cfg.rollout.max_new_tokens, n=self.group,
                                 seed=sampling_seed(cfg.train.seed, self.step), logprobs=True)
         was = self.lm.training
         self.lm.eval()
-        with self.acc.autocast():
+        with self.t.acc.autocast():
             comps = generate(self.sampler(), self.tokenizer, [self.prompts.ids[i] for i in idx], params,
-                             max_batch=cfg.rollout.max_batch)
+                             max_batch=cfg.rollout.max_batch, seed_stream=first_stream)
         self.lm.train(was)
-        ro = pack([self.prompts.ids[idx[c.prompt_index]] for c in comps], comps,
-                  pad_id=self.tokenizer.pad_token_id, device=self.acc.device)
-        rows = [idx[i] for i in ro.prompt_index]
-        total, ro.parts = self.rewards.score(
-            [self.prompts.turns[i] for i in rows], ro.texts, [self.prompts.rows[i] for i in rows],
+        rows = [idx[c.prompt_index] for c in comps]
+        total, parts = self.rewards.score(
+            [self.prompts.turns[i] for i in rows], [c.text for c in comps], [self.prompts.rows[i] for i in rows],
             [f"{self.prompts.wheres[i]} (step {self.step + 1})" for i in rows])
-        scores = torch.tensor(total, dtype=torch.float32, device=self.acc.device)
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
-        ro.scores = scores
-        ro.prompt_index = rows  # from here on: indices into all prompts
-        ro.group = self.group
-        return ro
+        return comps, rows, list(total), parts
 
-    def chunks(self, order: torch.Tensor) -> list[torch.Tensor]:
-        b = self.cfg.train.batch_size
-        return [order[i:i + b] for i in range(0, len(order), b)]
+    def _stop(self, error: str) -> None:
+        if self.step == 0 or self.step == self.t.last_saved:
+            raise LmforgeError(error)
+        self.t.save_checkpoint()  # every process: it is collective
+        raise LmforgeError(f"{error} The {self.step} completed steps are saved in {self.rd.checkpoints}; fix it and "
+                           "re-run with --resume.")
 
-    # ---- the optimizer step -------------------------------------------------------------------
+    # ---- the optimizer steps of a rollout step --------------------------------------------------
 
-    def optimizer_step(self, loss_sum: float) -> float:
-        """Clip, step, zero; refuses a non-finite loss or gradient before the update (as the shared loop)."""
-        if not math.isfinite(loss_sum):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise StopRun(f"{self.stage}: the loss is {loss_sum} at step {self.step + 1}; stopped before the update, "
-                          "so no checkpoint holds it. Lower train.lr, or resume from the last checkpoint.")
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip else float("inf")
-        norm = float(self.acc.clip_grad_norm_(params, clip))
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise StopRun(f"{self.stage}: the gradient norm is {norm} at step {self.step + 1}; stopped before the "
-                          "update. Lower train.lr or enable train.grad_clip.")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+    def micro_batches(self, order: torch.Tensor) -> list[list[torch.Tensor]]:
+        """This process's micro-batches of each optimizer step of one pass over the rollout: a step
+        takes batch_size x grad_accum x processes rows of `order`, each process its own share, so the
+        update is the one a single process makes on the same rows (gradients are averaged)."""
+        t, b = self.t, self.cfg.train.batch_size
+        per_step = b * self.cfg.train.grad_accum * t.world
+        steps = []
+        for start in range(0, len(order), per_step):
+            lo, hi = share(per_step, t.rank, t.world)
+            mine = order[start + lo:start + hi]
+            steps.append([mine[i:i + b] for i in range(0, len(mine), b)])
+        return steps
 
-    # ---- bookkeeping at the end of a rollout step ---------------------------------------------
+    def score(self, ro: Rollout, order: torch.Tensor, *, old: bool = True, reference: bool = True) -> None:
+        """score_pass over this process's first-pass micro-batches (so the first update's ratio is
+        exactly 1), then every process receives the other processes' rows (each row is filled by
+        one process, zeros elsewhere: the sum is exact)."""
+        chunks = [c for step in self.micro_batches(order) for c in step]
+        score_pass(self.net, self.ref, ro, chunks, temperature=self.cfg.rollout.temperature,
+                   autocast=self.t.acc.autocast, old=old, reference=reference)
+        if self.t.world > 1:
+            for name in ("old_logp", "entropy", "values", "ref_logp"):
+                x = getattr(ro, name)
+                if x is not None:
+                    setattr(ro, name, self.t.acc.reduce(x, reduction="sum"))
 
-    @contextlib.contextmanager
-    def saving_on_error(self):
-        """A user-fixable error (a reward function that fails on some row) keeps the completed steps:
-        they are checkpointed before the one sentence reaches the user."""
-        try:
-            yield
-        except LmforgeError as e:
-            if isinstance(e, StopRun) or self.step == 0 or self.step == self.last_saved:
-                raise
-            self.save_checkpoint()
-            raise LmforgeError(f"{e} The {self.step} completed steps are saved in {self.rd.checkpoints}; fix it and "
-                               "re-run with --resume.") from None
+    def update(self, ro: Rollout, orders: list[torch.Tensor],
+               micro_loss: Callable[[torch.Tensor, int], MicroOut]) -> Updates:
+        """Every optimizer step of the rollout step on the shared Trainer: `orders` holds one row
+        order per epoch; micro_loss(rows, epoch) runs the forward of those rows and returns their
+        SUMMED loss. The step's loss is divided by its token count on all processes."""
+        t = self.t
+        sums: dict[str, torch.Tensor] = {}
+        ratio_dev_first, grad_norm = None, 0.0
+        per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum * t.world
+        for e, order in enumerate(orders):
+            for k, chunks in enumerate(self.micro_batches(order)):
+                n_tok = float(ro.mask[order[k * per_step:(k + 1) * per_step]].sum())  # every process has all rows
+                loss_sum = dev = torch.zeros((), device=t.acc.device)
+                for a, idx in enumerate(chunks):  # micro-batches (gradient accumulation)
+                    with t.micro_step(last=a == len(chunks) - 1):
+                        out = micro_loss(idx, e)
+                        t.backward(out.loss, n_tok)
+                    loss_sum = loss_sum + out.loss.detach()
+                    dev = torch.maximum(dev, out.ratio_dev)
+                    for name, v in out.stats.items():
+                        sums[name] = sums.get(name, 0) + v
+                _, grad_norm = t.update(loss_sum, n_tok)
+                if ratio_dev_first is None:
+                    ratio_dev_first = t.global_max(dev)
+        return Updates(t.global_sums(sums), ratio_dev_first, grad_norm)
 
-    def end_step(self, record: dict, ro: Rollout, *, sigterm, prog) -> None:
-        from lmforge.errors import Preempted
+    # ---- the step boundary ----------------------------------------------------------------------
 
-        cfg = self.cfg
-        self.scheduler.step()
-        self.step += 1
-        record = {"step": self.step, **record, "lr": self.scheduler.get_last_lr()[0],
-                  "elapsed_s": time.time() - self.t_start}
-        if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-            self.rd.log_metrics(record)
-            if self.writer is not None:
-                for k, v in record.items():
-                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                        self.writer.add_scalar(f"{self.stage}/{k}", v, self.step)
-        prog.update(self.step, **{k: record[k] for k in ("reward", "kl") if record.get(k) is not None})
-        if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == 1):
+    def end_step(self, record: dict, ro: Rollout) -> None:
+        """The schedule moves on, the step is logged, samples written, a checkpoint taken when due
+        or on SIGTERM (then Preempted)."""
+        t = self.t
+        t.advance()
+        if t.log_due:
+            t.log({"step": t.step, **record, "lr": t.lr, "elapsed_s": time.time() - t.t_start})
+        t.progress.update(t.step, **{k: record[k] for k in ("reward", "kl") if record.get(k) is not None})
+        if self.cfg.sample_every and (t.step % self.cfg.sample_every == 0 or t.step == 1) and t.main:
             self.write_samples(ro)
-        at_end = self.step == cfg.train.max_steps
-        if cfg.train.checkpoint_every and (self.step % cfg.train.checkpoint_every == 0 or at_end or sigterm.set):
-            self.save_checkpoint()
-        if sigterm.set:
-            raise Preempted(f"Received SIGTERM; saved a checkpoint at step {self.step} in {self.rd.checkpoints}. "
-                            "Re-run the same command with --resume to continue.")
+        t.boundary()
 
     def write_samples(self, ro: Rollout) -> None:
         lines = []
@@ -521,45 +607,38 @@ class Session:
         with open(self.rd.path / "samples.jsonl", "a", encoding="utf-8") as f:
             f.write("".join(x + "\n" for x in lines))
 
-    def save_checkpoint(self) -> None:
-        ckpt.save(self.rd.checkpoints, step=self.step, model=_unwrap(self.net), optimizer=self.optimizer,
-                  scheduler=self.scheduler, state=dict(self.state), rank=0, world=1, is_main=True,
-                  barrier=self.acc.wait_for_everyone, keep=self.cfg.train.keep_checkpoints)
-        self.last_saved = self.step
-
     # ---- the artifact ---------------------------------------------------------------------------
 
     def finish(self, summary: dict) -> dict:
-        """Write model/ (HF model or adapter; the PPO value head beside it) and return the summary."""
+        """Write model/ (HF model or adapter; the PPO value head beside it; process 0) and return the summary."""
         from safetensors.torch import save_file
 
-        if self.writer is not None:
-            self.writer.close()
+        self.t.finish()
         trainable, total = trainable_report(self.lm)
         summary = {"steps": self.step, "adapter": self.cfg.adapter.method, "parameters": total,
                    "trainable_parameters": trainable, "prompts": len(self.prompts.ids),
                    "prompts_skipped_too_long": self.prompts.skipped_too_long,
                    "skipped_prompt_rows": self.prompts.read.get("skipped"),
-                   "train_seconds": round(time.time() - self.t_start, 2), **summary}
+                   "train_seconds": round(time.time() - self.t.t_start, 2), **summary}
+
         def value_head(folder: Path) -> None:
             head = _unwrap(self.net).value_head
             if head is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                           str(folder / "value_head.safetensors"))
 
-        policy.save(self.lm, self.tokenizer, self.rd, self.acc, adapter=self.cfg.adapter, base_dir=self.base_dir,
+        policy.save(self.lm, self.tokenizer, self.rd, self.t.acc, adapter=self.cfg.adapter, base_dir=self.base_dir,
                     extra={"stage": self.stage, "summary": summary}, also=value_head)
         return summary
 
 
 def setup(cfg: RLFields, rd: RunDir, resume: bool, *, stage: str, group: int, value_head: bool,
           reference: bool) -> Session:
-    """Load the policy (+ adapter, + value head), the reference, the rewards and the prompts; build the
-    optimizer; resume from the latest checkpoint. Cheap checks (prompts, rewards) run before the model loads."""
+    """Load the policy (+ adapter, + value head), the reference, the rewards and the prompts; set up
+    the shared Trainer (optimizer, schedule, DDP, resume). Cheap checks (prompts, rewards) run
+    before the model loads."""
 
     acc = make_accelerator(cfg.train)
-    if acc.num_processes > 1:
-        raise LmforgeError(f"{stage} runs in one process for now; launch it without accelerate launch / torchrun.")
     begin = policy.start(cfg.model, stage=stage)
     src, tokenizer = begin.src, begin.tokenizer
     rewards = Rewards.build(cfg.rewards, reward_model=cfg.reward_model, policy_tokenizer=tokenizer,
@@ -569,36 +648,23 @@ def setup(cfg: RLFields, rd: RunDir, resume: bool, *, stage: str, group: int, va
     lm, base_dir = pol.model, pol.base_dir
     prompts = load_prompts(cfg, tokenizer, context_length(lm) or 1 << 30, stage=stage)
     rewards.check_rows(prompts.rows, prompts.wheres)
-    check_minibatches(cfg, cfg.rows_per_rollout(group))
+    check_minibatches(cfg, cfg.rows_per_rollout(group), acc.num_processes)
     ref = None
     if reference and not cfg.adapter.enabled:
         ref = PolicyValue(copy.deepcopy(lm).requires_grad_(False).eval(), value_head=False)
     net = PolicyValue(lm, value_head=value_head)
-    optimizer = make_optimizer(net, cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
-    engine, optimizer = acc.prepare(net, optimizer)
-    s = Session(cfg, rd, stage, acc, tokenizer, lm, engine, ref, optimizer, scheduler, rewards, prompts, base_dir, group)
-    latest = ckpt.latest(rd.checkpoints) if resume else None
-    if latest is not None:
-        s.state = ckpt.load(latest, model=net, optimizer=optimizer, scheduler=scheduler, rank=0, world=1)
-        s.step = s.last_saved = s.state.pop("step")
-        for k in ("world_size", "files"):
-            s.state.pop(k, None)
-        rd.truncate_metrics(s.step)
-        _truncate_samples(rd, s.step)
-        rd.log(f"resumed from {latest.name}")
-        print(f"[{stage}] resumed from checkpoint {latest} at step {s.step}")
-    if cfg.train.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        s.writer = SummaryWriter(str(rd.path / "tensorboard"), purge_step=s.step or None)
+    t = Trainer(net, cfg=cfg.train, rd=rd, resume=resume, label=stage, accelerator=acc)
+    if t.resumed_from is not None and t.main:
+        _truncate_samples(rd, t.step)
     trainable, total = trainable_report(lm)
     line = (f"{stage}: {total:,} parameters ({trainable:,} trainable, adapter {cfg.adapter.method}"
             f"{', + value head' if value_head else ''}), {len(prompts.ids)} prompts ({prompts.skipped_too_long} too long "
-            f"for the context, skipped), rewards {', '.join(rewards.names)}, device {acc.device}")
-    print(line)
-    rd.log(line)
-    return s
+            f"for the context, skipped), rewards {', '.join(rewards.names)}, device {acc.device}, "
+            f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}")
+    if t.main:
+        print(line)
+        rd.log(line)
+    return Session(cfg, rd, stage, t, tokenizer, lm, ref, rewards, prompts, base_dir, group)
 
 
 def _truncate_samples(rd: RunDir, step: int) -> None:
@@ -606,4 +672,3 @@ def _truncate_samples(rd: RunDir, step: int) -> None:
     if p.is_file():
         keep = [x for x in p.read_text(encoding="utf-8").splitlines() if x and json.loads(x).get("step", 0) <= step]
         atomic_write_text(p, "".join(x + "\n" for x in keep))
-
