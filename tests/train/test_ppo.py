@@ -98,6 +98,25 @@ def test_a_partial_train_section_keeps_the_rl_defaults():
         Config(adapter={"method": "prefix"})
 
 
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+@pytest.mark.parametrize("field,value,expect", [
+    ("compile", True, "train.compile is refused by the RL stages: every rollout has new shapes"),
+    ("fsdp", True, "train.fsdp is refused by the RL stages: each process samples with the whole policy"),
+    ("eval_every", 10, "train.eval_every needs a validation loss, which RL stages do not have"),
+    ("eval_batches", 5, "train.eval_batches needs a validation loss"),
+    ("keep_best", True, "train.keep_best needs a validation loss"),
+])
+def test_fields_the_rl_stages_cannot_honour_are_refused_in_one_sentence(tmp_path, stage, field, value, expect):
+    """Not silently ignored: the CLI names the field and exits 2 before any work."""
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": str(tmp_path), "prompts": str(tmp_path / "p.jsonl"),
+                                           "train": {field: value}})
+    r = run_cli(stage, str(cfg), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    t = Config(train={"eval_every": 0, "keep_best": False}).train  # the values that mean "no evaluation" pass
+    assert (t.eval_every, t.keep_best, t.compile, t.fsdp) == (0, False, False, False)
+
+
 # ---------------------------------------------------------------- rollouts and the first ratio
 
 
@@ -145,10 +164,23 @@ def test_rollout_tensors_and_the_first_update_ratio_is_exactly_one(tmp_path, tin
 # ---------------------------------------------------------------- the toy task learns
 
 
+# The first three rollout steps of the tiny run below (ppo_config, seed 1, the conftest tiny model),
+# recorded on torch 2.13 CPU by running it and reading metrics.jsonl; the same figures before and
+# after the RL stages moved onto the shared Trainer. A change to sampling, rewards, the score pass,
+# GAE, the loss, the update order or the optimizer step moves them.
+PINNED = {"reward": [0.1875, 0.625, 0.9375],
+          "policy_loss": [-0.039996080100536346, -0.04957502335309982, -0.02552659437060356],
+          "value_loss": [0.06673778593540192, 0.18244117498397827, 0.2683362364768982],
+          "kl": [0.0, 2.914449453353882, 4.192625522613525],
+          "grad_norm": [8.565502166748047, 10.53640079498291, 8.517780303955078]}
+
+
 def test_tiny_ppo_run_raises_the_reward_with_bounded_kl(tmp_path, tiny_model_dir, prompts):
     m = run_single("ppo", str(write_yaml(tmp_path / "c.yaml", ppo_config(tiny_model_dir, prompts))), [],
                    out=str(tmp_path / "run"), force=True, resume=False, echo=lambda *a: None)
     ms = metrics(tmp_path / "run")
+    for k, want in PINNED.items():
+        assert [x[k] for x in ms[:3]] == pytest.approx(want, rel=1e-4, abs=1e-6), k
     assert [x["step"] for x in ms] == list(range(1, 13))
     first, last = ms[0]["reward"], sum(x["reward"] for x in ms[-4:]) / 4
     assert first < 0.4 and last > 0.75, (first, last)  # ~0.2 -> ~0.9 on this seed
@@ -196,33 +228,77 @@ def test_bad_input_is_one_sentence_or_a_counted_skip(tmp_path, tiny_model_dir, p
     assert [x["step"] for x in metrics(tmp_path / "e")] == [1, 2, 3, 4]
 
 
-# ---------------------------------------------------------------- resume after SIGKILL
+# ---------------------------------------------------------------- resume after SIGKILL / SIGTERM
 
 
-def test_sigkilled_ppo_resumes_from_the_last_rollout_step_bitwise(tmp_path, tiny_model_dir, prompts):
-    cfg = write_yaml(tmp_path / "c.yaml", ppo_config(tiny_model_dir, prompts, kl_target=2.0, train=dict(
-        max_steps=8, checkpoint_every=1)))
-    r = run_cli("ppo", str(cfg), "--out", str(tmp_path / "ref"))
+def interrupt_and_resume(stage: str, cfg: Path, tmp_path: Path, sig: int, files: tuple[str, ...]) -> None:
+    """Run `stage` uninterrupted, then again killed with `sig` after step 3 (SIGKILL: after its
+    step-3 checkpoint; SIGTERM saves one at the next step boundary) and resumed: the final weights must be bitwise those of the uninterrupted run, and every step is
+    logged once. Shared by the ppo and grpo tests."""
+    r = run_cli(stage, str(cfg), "--out", str(tmp_path / "ref"))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(lmforge_cmd("ppo", str(cfg), "--out", str(out)), env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen(lmforge_cmd(stage, str(cfg), "--out", str(out)), env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while not (out / "checkpoints" / "step-000003").exists():
+    metrics_file = out / "metrics.jsonl"
+    while not ((out / "checkpoints" / "step-000003").exists() if sig == signal.SIGKILL else
+               metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() - t0 < 120
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -9 and read_manifest(out)["status"] == "running"
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    if sig == signal.SIGKILL:
+        assert rc == -9
+    else:  # the shared Trainer: a checkpoint at the next step boundary, then exit 143
+        assert rc == 143 and "saved a checkpoint at step" in stderr and "Traceback" not in stderr, stderr
+    assert read_manifest(out)["status"] == "running"
     killed_at = ckpt.latest(out / "checkpoints")
     assert killed_at is not None and 3 <= int(killed_at.name[5:]) < 8
-    r = run_cli("ppo", str(cfg), "--out", str(out), "--resume")
+    r = run_cli(stage, str(cfg), "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     assert f"resumed from checkpoint {killed_at}" in r.stdout
-    for f in ("model.safetensors", "value_head.safetensors"):
+    for f in files:
         a, b = load_file(str(tmp_path / "ref" / "model" / f)), load_file(str(out / "model" / f))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ref, got = metrics(tmp_path / "ref"), metrics(out)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    got = [m for m in RunDir(out, stage, "model").read_metrics() if "reward" in m]
     assert [x["step"] for x in got] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_ppo_resumes_from_the_last_rollout_step_bitwise(tmp_path, tiny_model_dir, prompts, sig):
+    cfg = write_yaml(tmp_path / "c.yaml", ppo_config(tiny_model_dir, prompts, kl_target=2.0, train=dict(
+        max_steps=8, checkpoint_every=1 if sig == signal.SIGKILL else 0)))
+    interrupt_and_resume("ppo", cfg, tmp_path, sig, ("model.safetensors", "value_head.safetensors"))
+    ref, got = metrics(tmp_path / "ref"), metrics(tmp_path / "killed")
     # the adaptive KL coefficient is part of the checkpointed state
     assert [x["kl_coef"] for x in got] == [x["kl_coef"] for x in ref] and got[-1]["kl_coef"] != 0.05
+
+
+# ---------------------------------------------------------------- 2 processes = 1 process
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir, prompts):
+    """torchrun, 2 CPU processes (gloo), batch 4 x accumulation 2 each == 1 process, batch 8 x 2:
+    each process samples half the prompts (with the single process's random streams) and trains
+    on its share of every optimizer step; 2 epochs, so the second pass mixes both processes' rows."""
+    from .test_loop import torchrun
+
+    base = ppo_config(tiny_model_dir, prompts, kl_target=2.0, train=dict(max_steps=3, grad_accum=2))
+    one = write_yaml(tmp_path / "one.yaml", {**base, "train": {**base["train"], "batch_size": 8}})
+    two = write_yaml(tmp_path / "two.yaml", {**base, "train": {**base["train"], "batch_size": 4}})
+    r = run_cli("ppo", str(one), "--out", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    r = torchrun("ppo", str(two), "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes" in r.stdout
+    for f in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / "model" / f)), load_file(str(tmp_path / "two" / "model" / f))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), f
+    ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [x["reward"] for x in ma] == [x["reward"] for x in mb]  # the same responses were sampled
+    for k in ("policy_loss", "value_loss", "kl", "kl_coef", "entropy", "grad_norm"):
+        assert [x[k] for x in ma] == pytest.approx([x[k] for x in mb], rel=1e-4, abs=1e-6), k
+    assert ma[-1]["kl"] > 0  # the policy moved: the comparison can fail

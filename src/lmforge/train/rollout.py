@@ -23,9 +23,19 @@ gradients or optimizer state). The PPO critic is a linear head on the policy's l
 (hidden_size + 1 parameters): a shared backbone, so no second network is held, at the price that
 the value loss also shapes the policy's features (`vf_coef` weighs it).
 
-Resuming continues from the last completed rollout step: weights (adapter + value head), optimizer,
-schedule, RNG and the stage's own state (e.g. the adaptive KL coefficient) are checkpointed, and
-the prompts and sampling seeds of step k depend only on k, so a resumed run equals an uninterrupted one.
+The optimizer step, logging (metrics.jsonl, TensorBoard), checkpoints, resume and SIGTERM are the
+shared Trainer's (lmforge.train.loop), as in every training stage; a stage's loop reads
+rollout -> score pass -> optimizer steps (Session.update) -> Session.end_step. Resuming continues
+from the last completed rollout step: weights (adapter + value head), optimizer, schedule, RNG and
+the stage's own state (e.g. the adaptive KL coefficient) are checkpointed, and the prompts and
+sampling seeds of step k depend only on k, so a resumed run equals an uninterrupted one.
+
+Several processes (torchrun / accelerate launch; DDP): each samples and scores a contiguous share
+of the step's prompts, response j of prompt i drawing from random stream i * group + j whichever
+process samples it; the shares are gathered so every process holds the whole rollout (so the
+advantages, whitening and metrics are those of one process). Each optimizer step's rows are then
+split between the processes, and gradients averaged: the run equals one process with the same
+global batch (batch_size x grad_accum x processes rows per optimizer step) to float rounding.
 """
 
 from __future__ import annotations
