@@ -5,9 +5,7 @@ bounded KL, bad input, and resume after SIGKILL from the last completed rollout 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train.ppo import Config, adaptive_kl_coef, ppo_micro_loss, token_rewards
 from lmforge.train.rollout import score_pass, setup
 
-from .conftest import lmforge_cmd, run_cli, write_yaml
+from .conftest import assert_bitwise_equal, run_cli, start_stage, write_yaml
 
 
 def write_prompts(path: Path, n: int = 64, words: int = 1) -> Path:
@@ -238,8 +236,7 @@ def interrupt_and_resume(stage: str, cfg: Path, tmp_path: Path, sig: int, files:
     r = run_cli(stage, str(cfg), "--out", str(tmp_path / "ref"))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(lmforge_cmd(stage, str(cfg), "--out", str(out)), env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_stage(stage, cfg, out)
     t0 = time.time()
     metrics_file = out / "metrics.jsonl"
     while not ((out / "checkpoints" / "step-000003").exists() if sig == signal.SIGKILL else
@@ -261,8 +258,7 @@ def interrupt_and_resume(stage: str, cfg: Path, tmp_path: Path, sig: int, files:
     assert r.returncode == 0, r.stderr
     assert f"resumed from checkpoint {killed_at}" in r.stdout
     for f in files:
-        a, b = load_file(str(tmp_path / "ref" / "model" / f)), load_file(str(out / "model" / f))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+        assert_bitwise_equal(load_file(str(tmp_path / "ref" / "model" / f)), load_file(str(out / "model" / f)))
     got = [m for m in RunDir(out, stage, "model").read_metrics() if "reward" in m]
     assert [x["step"] for x in got] == list(range(1, 9))
 
