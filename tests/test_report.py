@@ -96,7 +96,7 @@ def test_report_stage_writes_every_section(run_dir):
     assert "| 300 | 3.211 | 1000 | 311 |" in md
     # Loss curves: one PNG per stage that logged a loss (the cut last metrics line is skipped).
     figs = sorted(p.name for p in (run_dir / "report_figures").iterdir())
-    assert figs == ["loss_pretrain.png", "loss_sft.png"]
+    assert figs == ["headline_eval.png", "loss_pretrain.png", "loss_sft.png"]  # + the eval's headline rates
     assert all((run_dir / "report_figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figs)
     assert "![loss curve of pretrain](report_figures/loss_pretrain.png)" in md
 
@@ -129,7 +129,7 @@ def test_report_stage_writes_every_section(run_dir):
     assert "| sft answers every prompt | echo.answer_rate | sft | " in md and "| >= 100.01 | NO |" in md
 
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "<td>min_words</td><td>12</td>" in html
+    assert html.count("data:image/png;base64,") == 3 and "<td>min_words</td><td>12</td>" in html
     assert (run_dir / "report/report/report.html").read_text() == html
 
 
@@ -151,7 +151,7 @@ def test_lmforge_report_rebuilds_after_a_failed_gate(run_dir):
     proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "report", str(run_dir)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'} (2 figures;")
+    assert proc.stdout.startswith(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'} (3 figures;")  # 2 loss, 1 headline
     md = (run_dir / "report.md").read_text()
     assert "| eval | eval | running |" in md  # the failed stage did not complete
     assert f"| heldout.loss | {worse} | {better} |" in md and "| FAILED |" in md
@@ -198,3 +198,46 @@ def test_expectations_are_checked_in_display_units():
         e = Expectation(**{"claim": "x", "metric": "facts.accuracy", "model": "sft", "at_least": 1, **kw})
         with pytest.raises(LmforgeError, match=msg):
             check_expectations(res, [e])
+
+
+def test_rl_series_and_headline_rates_hand_values():
+    from lmforge.report import headline_rates, rl_series
+
+    metrics = [{"step": 1, "reward": 0.5, "kl": 0.0, "response_length": 8, "entropy": 2.5},
+               {"step": 2, "loss": 1.0},  # not a rollout record
+               {"step": 2, "reward": 1, "kl": 0.25, "response_length": 9.5},  # entropy not logged this step
+               {"step": 2, "guard": "kl", "guard/kl": 0.25}]
+    assert rl_series({"metrics": metrics}) == {"reward": [(1, 0.5), (2, 1.0)], "kl": [(1, 0.0), (2, 0.25)],
+                                               "response_length": [(1, 8.0), (2, 9.5)], "entropy": [(1, 2.5)]}
+    assert rl_series({"metrics": [{"step": 1, "loss": 2.0}]}) == {}
+    res = {"order": ["sft", "dpo"], "metrics": ["v.loss", "u.hallucination_rate", "f.accuracy"], "results": {
+        "sft": {"v.loss": {"value": 2.0, "rate": False}, "u.hallucination_rate": {
+            "value": 0.5, "ci_low": 0.25, "ci_high": 0.75, "rate": True, "higher_is_better": False},
+                "f.accuracy": {"value": 0.1, "rate": True, "higher_is_better": True}},
+        "dpo": {"u.hallucination_rate": {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3, "rate": True,
+                                         "higher_is_better": False}}}}
+    assert headline_rates(res) == [  # a loss is not a rate: no shared axis; no interval: no whiskers
+        ("u.hallucination_rate ↓", [("sft", 50.0, 25.0, 75.0), ("dpo", 20.0, 10.0, 30.0)]),
+        ("f.accuracy ↑", [("sft", 10.0, 10.0, 10.0)])]
+
+
+def test_report_draws_rl_curves_and_names_the_guard_that_stopped(tmp_path):
+    from lmforge.report import build_report
+
+    root = tmp_path / "rl"
+    curve = [{"step": s, "reward": 0.2 * s, "kl": 0.1 * s, "response_length": 8 + s, "entropy": 2.0 - 0.1 * s}
+             for s in (1, 2, 3)]
+    stop = {"guard": "heldout", "step": 3, "best_step": 1, "metric": 0.0, "best": 0.25, "drop": 0.25}
+    fake_stage(root, "grpo", "grpo", "model", wall=2.0, finished="2024-01-01T00:00:01", summary={"stopped_by": stop},
+               metrics=[*curve, {"step": 3, "guard": "heldout", "guard/metric": 0.0}])
+    fake_stage(root, "ppo", "ppo", "model", wall=2.0, finished="2024-01-01T00:00:02", summary={"stopped_by": None},
+               metrics=curve)
+    build_report(root)
+    md = (root / "report.md").read_text()
+    figs = sorted(p.name for p in (root / "report_figures").iterdir())
+    assert figs == ["rl_grpo.png", "rl_ppo.png"]
+    assert all((root / "report_figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figs)
+    assert "## RL training curves" in md and "![RL training curves of ppo](report_figures/rl_ppo.png)" in md
+    assert ("grpo: guard heldout stopped the run at step 3; the weights of step 1 were kept (metric 0.0000, "
+            "best 0.2500, drop 0.2500).") in md
+    assert "ppo: guard" not in md

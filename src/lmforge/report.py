@@ -346,17 +346,22 @@ def _delta(d: dict | None, *, rate: bool) -> str:
     return _signed(d["value"], rate) + ci
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def loss_figure(stage: dict, out: Path) -> Path | None:
     """A PNG of training loss (and validation loss) against step; None if the stage logged no loss."""
     train = [(r["step"], r["loss"]) for r in stage["metrics"] if "loss" in r and "step" in r]
     val = [(r["step"], r["val_loss"]) for r in stage["metrics"] if "val_loss" in r and "step" in r]
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; must precede pyplot
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
@@ -369,6 +374,97 @@ def loss_figure(stage: dict, out: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = out / f"loss_{stage['name']}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+RL_CURVES = (("reward", "mean reward"), ("kl", "KL from the reference"), ("response_length", "response length (tokens)"),
+             ("entropy", "entropy (nats/token)"))
+
+
+def rl_series(stage: dict) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of each RL curve from a stage's metrics.jsonl; {} for a stage that logged no reward."""
+    recs = [r for r in stage["metrics"] if "reward" in r and "step" in r]
+    return {key: [(r["step"], float(r[key])) for r in recs if isinstance(r.get(key), (int, float))]
+            for key, _ in RL_CURVES} if recs else {}
+
+
+def rl_figure(stage: dict, out: Path) -> Path | None:
+    """A PNG of an RL stage's (ppo, grpo) mean reward, KL, response length and entropy against the
+    rollout step, with the step a guard stopped the run at; None if it logged no reward."""
+    series = rl_series(stage) if stage["kind"] in ("ppo", "grpo") else {}
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(8, 5), dpi=100, sharex=True)
+    stop = next((r for r in stage["metrics"] if "guard" in r and "step" in r), None)
+    for ax, (key, title) in zip(axes.flat, RL_CURVES):
+        pts = series[key]
+        if pts:
+            ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", linewidth=1.2, markersize=3)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+        if stop is not None:
+            ax.axvline(stop["step"], color="red", linestyle="--", linewidth=1, label=f"guard {stop['guard']}")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # rollout steps are whole
+    for ax in axes[1]:
+        ax.set_xlabel("rollout step")
+    if stop is not None:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{stage['name']} ({stage['kind']})")
+    fig.tight_layout()
+    path = out / f"rl_{stage['name']}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def headline_rates(res: dict) -> list[tuple[str, list[tuple[str, float, float, float]]]]:
+    """The eval's headline rates (its `metrics` list) as (metric with ↑/↓, [(model, percent, low, high)])."""
+    order = res["order"]
+    keys = [k for k in res.get("metrics") or sorted({k for m in order for k in res["results"][m]})
+            if any((res["results"][m].get(k) or {}).get("rate") for m in order)]
+    out = []
+    for k in keys:
+        first = next(res["results"][m][k] for m in order if k in res["results"][m])
+        bars = []
+        for m in order:
+            e = res["results"][m].get(k) or {}
+            if e.get("value") is not None:  # no interval: a bar without whiskers
+                lo, hi = (e["value"] if e.get(c) is None else e[c] for c in ("ci_low", "ci_high"))
+                bars.append((m, 100 * e["value"], 100 * lo, 100 * hi))
+        out.append((k + {True: " ↑", False: " ↓"}.get(first.get("higher_is_better"), ""), bars))
+    return out
+
+
+def headline_figure(ev: dict, out: Path) -> Path | None:
+    """One chart of an eval stage's headline rates by model, each bar with its 95% interval, so what
+    each stage did shows without reading the table; None without rates."""
+    rows = headline_rates(ev["results"])
+    if not rows:
+        return None
+    order = ev["results"]["order"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) * max(1, len(order) / 3) + 1.5), dpi=100)
+    h = 0.8 / len(order)
+    for j, m in enumerate(order):
+        pts = [(i + (j - (len(order) - 1) / 2) * h, v, v - lo, hi - v)
+               for i, (_, bars) in enumerate(rows) for name, v, lo, hi in bars if name == m]
+        if pts:
+            ys, xs, below, above = zip(*pts)
+            ax.barh(ys, xs, height=h, xerr=[below, above], capsize=2, label=m, error_kw={"linewidth": 0.8})
+    ax.set_yticks(range(len(rows)), [k for k, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("percent (bars: 95% bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(title="model", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach 100%
+    ax.set_title(f"Headline rates by model ({ev['stage']})")
+    fig.tight_layout()
+    path = out / f"headline_{ev['stage']}.png"
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -428,6 +524,15 @@ def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int 
         doc.h(2, "Loss curves")
         for s, p in curves:
             doc.img(final / p.name, f"loss curve of {s['name']}")
+    rl = [(s, p) for s in info["stages"] if (p := rl_figure(s, figures)) is not None]
+    if rl:
+        doc.h(2, "RL training curves")
+        for s, p in rl:
+            why = s["summary"].get("stopped_by")
+            if why:
+                doc.p(f"{s['name']}: guard {why.get('guard')} stopped the run at step {why.get('step')}; the weights "
+                      f"of step {why.get('best_step')} were kept ({_fmt_values(why)}).")
+            doc.img(final / p.name, f"RL training curves of {s['name']}")
 
     if checks:
         met = sum(c["met"] is True for c in checks)
@@ -441,8 +546,15 @@ def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int 
                     _threshold(c), {True: "yes", False: "NO", None: "not evaluated"}[c["met"]]] for c in checks])
 
     for ev in info["evals"]:
+        if (p := headline_figure(ev, figures)) is not None:
+            doc.h(2, f"Headline rates ({ev['stage']})")
+            doc.img(final / p.name, f"headline rates by model of {ev['stage']}")
         _eval_sections(doc, ev, examples_per_task=examples_per_task, answer_chars=answer_chars)
     return doc
+
+
+def _fmt_values(d: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v, 4)}" for k, v in d.items() if k not in ("guard", "step", "best_step"))
 
 
 def _label_section(doc: Doc, s: dict) -> None:
