@@ -6,8 +6,9 @@
                                         └─> report.html (one self-contained file, figures inlined)
 
 Sections: the machine, stages (wall time, tokens/s), curation counts per rule, tokenizer
-compression, loss curves per training stage, every metric per model side by side with 95%
-intervals and deltas against the previous model, regression gates and the pipeline's output,
+compression, loss curves per training stage, RL curves (reward, KL, response length, entropy) of
+ppo/grpo with the guard that stopped a run, a chart of the headline rates by model, every metric
+per model side by side with 95% intervals and deltas against the previous model, regression gates and the pipeline's output,
 the same prompts answered by each model, and the sampling parameters used.
 
 As the last stage of a recipe (`- stage: report`) or on its own: `lmforge report RUN_DIR`.
