@@ -10,6 +10,7 @@ Notation: pc/pr = policy log-prob of the chosen/rejected response, rc/rr = the r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -211,3 +212,57 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     if scale:
         adv = adv / (g.std(dim=1, keepdim=True) + eps)
     return adv.view(-1)
+
+
+# ---------------------------------------------------------------------------- distillation
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class DistillOut:
+    loss: torch.Tensor  # (...,) per token: weight * divergence + (1 - weight) * hard NLL, 0 where masked
+    divergence: torch.Tensor  # (...,) detached, 0 where masked
+    nll: torch.Tensor  # (...,) detached, 0 where masked
+
+
+def topk_divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, *, kind: str,
+                    beta: float = 0.5) -> torch.Tensor:
+    """Divergence between student and teacher on the teacher's top-k tokens; (..., k) -> (...).
+
+    Convention: the cache keeps only the teacher's k most likely tokens, so BOTH distributions are
+    renormalised over those k tokens (q_i = exp(t_i) / sum_j exp(t_j), p_i likewise from the
+    student's log-probs at the same token ids) and compared there. Mass the student puts outside
+    the teacher's top-k is not seen by this term (the hard-label cross-entropy trains it); in
+    exchange reverse KL and JSD are finite, and k = vocabulary size gives the exact divergences.
+
+    forward_kl  KL(q || p) = sum q (log q - log p)   (mean-seeking: the usual distillation loss)
+    reverse_kl  KL(p || q) = sum p (log p - log q)   (mode-seeking)
+    jsd         beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p  (generalised JSD
+                as in GKD, Agarwal et al. 2024; beta 0.5 is the symmetric Jensen-Shannon divergence)
+    """
+    logp = student_logp - torch.logsumexp(student_logp, dim=-1, keepdim=True)
+    logq = (teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)).to(logp.dtype)
+    if kind == "forward_kl":
+        return (logq.exp() * (logq - logp)).sum(-1)
+    if kind == "reverse_kl":
+        return (logp.exp() * (logp - logq)).sum(-1)
+    if kind == "jsd":
+        if not 0 < beta < 1:
+            raise ValueError(f"jsd needs 0 < beta < 1, not {beta}")
+        logm = torch.logsumexp(torch.stack([logq + math.log(beta), logp + math.log(1 - beta)]), dim=0)
+        return beta * (logq.exp() * (logq - logm)).sum(-1) + (1 - beta) * (logp.exp() * (logp - logm)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
+
+
+def distill_loss(student_topk_logp: torch.Tensor, teacher_topk_logp: torch.Tensor, hard_nll: torch.Tensor,
+                 mask: torch.Tensor, *, kind: str, weight: float, beta: float = 0.5) -> DistillOut:
+    """Per-token distillation loss: weight * topk_divergence + (1 - weight) * hard_nll, 0 where
+    `mask` is false. student_topk_logp: the student's log-probs at the teacher's top-k token ids
+    (..., k); hard_nll: the student's -log p(label) over the full vocabulary (...,). weight 1 is
+    pure distillation, 0 plain SFT."""
+    div = topk_divergence(student_topk_logp, teacher_topk_logp, kind=kind, beta=beta)
+    m = mask.to(div.dtype)
+    loss = (weight * div + (1 - weight) * hard_nll) * m
+    return DistillOut(loss, (div * m).detach(), (hard_nll * m).detach())
