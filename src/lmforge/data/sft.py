@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -325,19 +326,33 @@ class SFTExamples:
         return self.ids[s:e], self.sup[s:e]
 
 
+def pick_system(system_prompt: str | list[str] | None, share: float, seed: int, i: int) -> str | None:
+    """Row i's system prompt: none, the one given, or one drawn from the list (seeded per row), for
+    `share` of the rows: a model trained with and without one answers the same either way."""
+    if not system_prompt or share <= 0:
+        return None
+    rng = random.Random(f"{seed}:{i}")
+    if share < 1 and rng.random() >= share:
+        return None
+    return system_prompt if isinstance(system_prompt, str) else rng.choice(system_prompt)
+
+
 def iter_conversations(patterns: list[str] | str, *, fmt: Format, on_bad_rows: OnBadRows, stats: ReadStats,
-                       dataset_split: str | None = None, system_prompt: str | None = None,
+                       dataset_split: str | None = None, system_prompt: str | list[str] | None = None,
+                       system_share: float = 1.0, seed: int = 0,
                        keep: Callable[[int], bool] | None = None) -> Iterator[tuple[str, list[dict], str]]:
     """(format, messages, where) for every usable row; bad rows raise or are counted in `stats`.
 
     `keep(i)` selects rows by their 0-based index among all rows read (for a held-out split).
+    `system_prompt` (one, or a list sampled per row) goes into `system_share` of the rows that
+    have none; the choice is seeded by `seed` and the row index, so stable across runs and resumes.
     """
     bad = BadRows(on_bad_rows, stats)
     for i, rec in enumerate(iter_records(patterns, dataset_split=dataset_split, on_bad_rows=on_bad_rows,
                                          stats=stats, columns=_ALL_COLUMNS)):
         if keep is not None and not keep(i):
             continue
-        got = to_messages(rec, fmt, bad, system_prompt=system_prompt)
+        got = to_messages(rec, fmt, bad, system_prompt=pick_system(system_prompt, system_share, seed, i))
         if got is not None:
             yield got[0], got[1], rec.where
 

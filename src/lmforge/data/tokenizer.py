@@ -103,7 +103,28 @@ def load_tokenizer(path: str | Path):
         raise LmforgeError(f"Tokenizer {p} defines no EOS token; lmforge needs one to separate documents.")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # safe: padded positions are always masked out of losses
+    if not getattr(tok, "chat_template", None):
+        adopt_chat_template(tok, p)
     return tok
+
+
+_TOLD: set[str] = set()
+
+
+def adopt_chat_template(tok, where: Path) -> None:
+    """A tokenizer without a chat template (a base model's) takes lmforge's, said once per folder.
+
+    Set on the tokenizer itself, the template is written into every artifact saved with it
+    (model, adapter, merged model), so plain `tokenizer.apply_chat_template` on lmforge's output
+    renders exactly the text lmforge trained on. Its role markers are plain text to such a
+    tokenizer (they are not in its vocabulary as special tokens)."""
+    import sys
+
+    tok.chat_template = CHAT_TEMPLATE
+    if str(where) not in _TOLD:
+        _TOLD.add(str(where))
+        print(f"tokenizer {where} has no chat template; using lmforge's (<|role|>content<eos> per turn), "
+              "which is saved with every model, adapter and merged model made from it.", file=sys.stderr)
 
 
 def bytes_per_token(tok, texts: Iterator[str]) -> tuple[float, int, int]:

@@ -70,7 +70,12 @@ class Config(Schema):
     max_val_examples: int = Field(1000, ge=1, description="Use at most this many validation examples.")
     format: Format = Field("auto", description="Row format: chat (messages), alpaca (instruction/input/output), "
                            "prompt_completion; auto detects it per row from the field names.")
-    system_prompt: str | None = Field(None, description="System turn added to rows that have none (None = no system turn).")
+    system_prompt: str | list[str] | None = Field(
+        None, description="System turn added to rows that have none: one text, or a list from which each row "
+        "draws one (seeded by train.seed); None = no system turn. A model trained without one may answer "
+        "differently when one is given at inference: train with some (see system_prompt_share) to be robust to it.")
+    system_prompt_share: float = Field(1.0, ge=0, le=1, description="Share of the rows without a system turn that "
+                                       "get `system_prompt` (chosen per row, seeded); the rest keep none.")
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="A malformed row (bad roles, empty content, missing fields, ...): error names file, "
         "row and field; skip skips it and counts it in the summary.")
@@ -199,6 +204,7 @@ def load_split(spec: dict, cfg: Config, encoder: ChatEncoder, seq_len: int, *, l
     stats = ReadStats()
     convs = iter_conversations(spec["patterns"], fmt=cfg.format, on_bad_rows=cfg.on_bad_rows, stats=stats,
                                dataset_split=spec.get("dataset_split"), system_prompt=cfg.system_prompt,
+                               system_share=cfg.system_prompt_share, seed=cfg.train.seed,
                                keep=spec.get("keep"))
     if limit is not None:
         convs = itertools.islice(convs, limit)
