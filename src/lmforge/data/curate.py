@@ -197,6 +197,12 @@ class Config(Schema):
     leakage: LeakageConfig = Field(default_factory=LeakageConfig, description="Step 7.")
     shard_mb: float = Field(128.0, gt=0, description="Start a new Parquet shard after about this many MB of text.")
     batch_docs: int = Field(512, ge=1, description="Documents read and MinHashed together (memory ~ one batch).")
+    engine: Literal["local", "datatrove"] = Field(
+        "local", description="local: one streaming process with an in-memory LSH index (~5 KB per kept document). "
+        "datatrove: the same rules as datatrove jobs (one task per input file; MinHash signatures sorted on disk "
+        "per band, so memory per task does not grow with the corpus; a rerun resumes unfinished tasks). See "
+        "README 'Curation at scale' for where its near dedup differs.")
+    workers: int = Field(2, ge=1, description="engine: datatrove: processes of its local executor.")
     examples: int = Field(3, ge=0, description="Examples of each removed kind kept in the report.")
     example_chars: int = Field(300, ge=20, description="Examples are truncated to this many characters.")
 
@@ -617,7 +623,7 @@ _SCHEMA = pa.schema([("text", pa.string())])
 _SPILL_SCHEMA = pa.schema([("key", pa.int64()), ("text", pa.string())])
 
 
-class _ShardWriter:
+class ShardWriter:
     """`<split>-00000.parquet`, ...: a new shard after `shard_bytes` of text, a row group per flush."""
 
     GROUP_DOCS, GROUP_BYTES = 2048, 32 << 20  # the buffer: at most this much text in memory
@@ -669,7 +675,7 @@ class _ShardWriter:
 # The report
 
 
-def _clip(text: str, n: int) -> str:
+def clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[:n] + " [...]"
 
 
@@ -722,7 +728,12 @@ def _empty_error(n_in: int, removed: Counter, stats: ReadStats, cfg: Config) -> 
 
 
 def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
-    """Curate `cfg.inputs` into `rd.artifact`. One pass; `resume` restarts it (it has no checkpoints)."""
+    """Curate `cfg.inputs` into `rd.artifact`. Local: one pass, `resume` restarts it (no checkpoints);
+    datatrove: a rerun resumes the tasks a killed run left unfinished."""
+    if cfg.engine == "datatrove":
+        from lmforge.data import curate_datatrove  # imported here: datatrove is only needed for this engine
+
+        return curate_datatrove.run(cfg, rd, resume)
     t0 = time.time()
     with staged_dir(rd.artifact) as tmp:
         return _curate(cfg, rd, tmp, t0)
@@ -738,7 +749,7 @@ def _curate(cfg: Config, rd: RunDir, out: Path, t0: float) -> dict:
         removed[rule] += 1
         exs = examples.setdefault(rule, [])
         if len(exs) < cfg.examples:
-            exs.append({"where": where, "detail": detail, "text": _clip(text, cfg.example_chars)})
+            exs.append({"where": where, "detail": detail, "text": clip(text, cfg.example_chars)})
 
     # Near dedup and the leakage check share one LSH index, built at the lower of their thresholds;
     # each candidate is then checked against its own threshold with the stored signatures.
@@ -755,12 +766,12 @@ def _curate(cfg: Config, rd: RunDir, out: Path, t0: float) -> dict:
 
     shard_bytes = cfg.shard_mb * 1e6
     active = [s for s in SPLITS if getattr(cfg.splits, s) > 0]
-    writers = {s: _ShardWriter(out, s, shard_bytes) for s in active}
+    writers = {s: ShardWriter(out, s, shard_bytes) for s in active}
     spill_dir = out / "_spill"
     spills = {}
     if leak_t is not None:  # validation/test wait in a spill until every train document has been seen
         spill_dir.mkdir()
-        spills = {s: _ShardWriter(spill_dir, s, float("inf"), _SPILL_SCHEMA) for s in active if s != "train"}
+        spills = {s: ShardWriter(spill_dir, s, float("inf"), _SPILL_SCHEMA) for s in active if s != "train"}
 
     records = iter_text_records(cfg.inputs, text_field=cfg.text_field, text_mode=cfg.text_mode,
                                 dataset_split=cfg.dataset_split, on_bad_rows=cfg.on_bad_rows, stats=stats)
@@ -848,6 +859,13 @@ def _curate(cfg: Config, rd: RunDir, out: Path, t0: float) -> dict:
                         writers[split].add(text)
     if spills:
         shutil.rmtree(spill_dir)
+    return finish(cfg, rd, out, n_in=n_in, removed=removed, examples=examples, pii_counts=pii_counts,
+                  stats=stats, writers=writers, t0=t0)
+
+
+def finish(cfg: Config, rd: RunDir, out: Path, *, n_in: int, removed: Counter, examples: dict[str, list[dict]],
+           pii_counts: Counter, stats: ReadStats, writers: dict[str, "ShardWriter"], t0: float) -> dict:
+    """Close the shards and write the curation report: one format whichever engine ran."""
     shards = {s: w.close() for s, w in writers.items()}
     n_out = sum(w.docs for w in writers.values())
     if n_out == 0:
