@@ -188,6 +188,7 @@ def score_cmd(
     s = score_file(model, file, out, batch_size=batch_size, device=device)
     print(" ".join(f"{k} {v}" for k, v in s.items()))
 _stage_command("sft", "Supervised fine-tuning on chat/Alpaca/prompt-completion data, fully or with LoRA/DoRA/prefix/QLoRA.")
+_stage_command("distill", "Distillation: a student (full or adapter) learns a teacher's top-k token distributions on SFT rows.")
 
 
 @app.command("merge")

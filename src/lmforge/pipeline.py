@@ -54,6 +54,7 @@ STAGES: dict[str, str] = {
     "dpo": "lmforge.train.dpo",
     "rejection": "lmforge.stages.rejection",
     "sft": "lmforge.train.sft",
+    "distill": "lmforge.train.distill",
     "ppo": "lmforge.train.ppo",
     "grpo": "lmforge.train.grpo",
     "feedback": "lmforge.stages.feedback",
