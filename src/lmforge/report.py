@@ -520,6 +520,10 @@ def build_doc(info: dict, figures: Path, final: Path, *, examples_per_task: int 
         if s["kind"] in ("index", "compare") and s["summary"]:
             _retrieval_section(doc, s)
 
+    warned = [(s["name"], w) for s in info["stages"] for w in (s["summary"].get("warnings") or [])]
+    if warned:  # a stage's own signals said the model got worse (e.g. train/health.py for dpo)
+        doc.h(2, "Warnings")
+        doc.table(["stage", "warning"], [[n, w] for n, w in warned])
     curves = [(s, p) for s in info["stages"] if (p := loss_figure(s, figures)) is not None]
     if curves:
         doc.h(2, "Loss curves")

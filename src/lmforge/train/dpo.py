@@ -74,6 +74,7 @@ from lmforge.data.preference import (
 from lmforge.data.sft import IGNORE
 from lmforge.rundir import RunDir, fingerprint_path
 from lmforge.train import policy
+from lmforge.train.health import degradation_warnings
 from lmforge.train.loop import LossOut, make_accelerator, train
 
 ARTIFACT = "model"
@@ -81,6 +82,16 @@ PROVIDES = ("model",)
 INPUTS = {"model": "model", "data": None, "val_data": None}
 
 Method = Literal["dpo", "cdpo", "ipo", "rpo", "simpo", "orpo", "kto"]
+# Peak learning rate when train.lr is not given: (full fine-tuning, adapter). Preference losses
+# degrade a model at SFT-like rates (the shared 1e-3 wrecked every model tried), so these follow
+# the literature: DPO paper (Rafailov et al. 2023) 1e-6 full, Zephyr's DPO recipe (Hugging Face
+# alignment-handbook) 5e-7 full and 5e-6 QLoRA; SimPO repo (princeton-nlp/SimPO): "a large learning
+# rate (e.g., 1e-5) can significantly degrade performance", grid 3e-7 to 1e-6; ORPO (Hong et al.
+# 2024) trains SFT and preference in one, at ~5e-6 (LLaMA-Factory's ORPO LoRA configs: 5e-6);
+# KTO (Ethayarajh et al. 2024) follows DPO's 5e-7 full. An adapter trains few weights from zero and
+# takes ~10x the full rate (Zephyr's QLoRA recipe above).
+DEFAULT_LR = {"dpo": (5e-7, 5e-6), "cdpo": (5e-7, 5e-6), "ipo": (5e-7, 5e-6), "rpo": (5e-7, 5e-6),
+              "kto": (5e-7, 5e-6), "simpo": (5e-7, 5e-6), "orpo": (5e-6, 5e-6)}
 DEFAULT_BETA = {"simpo": 2.0}  # SimPO's reward is a per-token average, so its beta is larger (paper: 2.0-2.5)
 
 
@@ -102,10 +113,16 @@ class Config(DataFields):
     probe_prompts: int = Field(
         4, ge=0, description="Held-out prompts answered greedily at every evaluation (outputs in log.txt).")
     probe_max_new_tokens: int = Field(32, ge=1, description="Token budget of each probe answer.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="The shared training loop's settings.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The shared training loop's settings. "
+                               "train.lr unset: a per-method default from the literature, full fine-tuning / "
+                               "adapter: dpo, cdpo, ipo, rpo, kto, simpo 5e-7 / 5e-6 (DPO paper 1e-6; Zephyr DPO "
+                               "recipe 5e-7 full, 5e-6 QLoRA; SimPO repo 3e-7 to 1e-6), orpo 5e-6 / 5e-6 (ORPO "
+                               "paper's order; LoRA configs 5e-6) — not the shared 1e-3, which ruins a model here.")
 
     @model_validator(mode="after")
     def _method_knobs(self) -> "Config":
+        if "lr" not in self.train.model_fields_set:
+            self.train.lr = DEFAULT_LR[self.method][1 if self.adapter.enabled else 0]
         if self.method == "cdpo" and self.label_smoothing == 0:
             raise ValueError("method cdpo needs label_smoothing > 0 (with 0 it is plain dpo)")
         if self.adapter.method == "prefix":
@@ -415,6 +432,10 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
         "train_seconds": round(result.wall_seconds, 2), "data": splits.train.stats,
         "skipped_rows": splits.read["train"]["skipped"], **result.last_eval,
     }
+    summary["warnings"] = degradation_warnings(rd.read_metrics(), lr=cfg.train.lr) if main else []
+    for w in summary["warnings"]:
+        print(f"dpo: WARNING: {w}")
+        rd.log(f"WARNING: {w}")
     policy.save(lm, tokenizer, rd, acc, adapter=cfg.adapter, base_dir=pol.base_dir,
                 extra={"stage": "dpo", "summary": summary})
     return summary
