@@ -54,6 +54,9 @@ from lmforge.models import add_stop_token, check_compatible, context_length, loa
 from lmforge.rundir import RunDir, fingerprint_path
 from lmforge.train import policy
 from lmforge.train.loop import LossOut, make_accelerator, train
+
+# sft.load_split reads this Config's data fields (format, on_bad_rows, system_prompt(_share), overlong,
+# mask_check_examples, train.seed): the one way rows become examples, shared, not copied.
 from lmforge.train.sft import load_split, make_eval
 
 ARTIFACT = "model"
@@ -68,7 +71,10 @@ class Config(Schema):
     validation: list[str] | str | None = Field(None, description="Validation rows in the same formats; the student's "
                                                "hard-label loss on them is val_loss. None = no evaluation.")
     format: Format = Field("auto", description="Row format: chat, alpaca, prompt_completion, or auto per row.")
-    system_prompt: str | None = Field(None, description="System turn added to rows that have none.")
+    system_prompt: str | list[str] | None = Field(None, description="System turn(s) added to rows that have none "
+                                                  "(a list: one chosen per row, seeded), as in sft.")
+    system_prompt_share: float = Field(1.0, ge=0, le=1, description="Share of the rows without a system turn that "
+                                       "get `system_prompt`, as in sft.")
     on_bad_rows: Literal["error", "skip"] = Field("error", description="A malformed row: error names it; skip counts it.")
     model: str | None = Field(None, description="The student to start from: a stage folder, a HF model folder or an "
                               "adapter folder.")
