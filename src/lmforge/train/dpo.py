@@ -74,6 +74,7 @@ from lmforge.data.preference import (
 from lmforge.data.sft import IGNORE
 from lmforge.rundir import RunDir, fingerprint_path
 from lmforge.train import policy
+from lmforge.train.guards import GuardConfig
 from lmforge.train.health import degradation_warnings
 from lmforge.train.loop import LossOut, make_accelerator, train
 
@@ -113,6 +114,9 @@ class Config(DataFields):
     probe_prompts: int = Field(
         4, ge=0, description="Held-out prompts answered greedily at every evaluation (outputs in log.txt).")
     probe_max_new_tokens: int = Field(32, ge=1, description="Token budget of each probe answer.")
+    guards: GuardConfig = Field(
+        default_factory=GuardConfig, description="Stop the run, keeping its best weights, when a held-out metric "
+        "falls while the reward margin rises (lmforge.train.guards; reward_metric: reward_margin); off by default.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The shared training loop's settings. "
                                "train.lr unset: a per-method default from the literature, full fine-tuning / "
                                "adapter: dpo, cdpo, ipo, rpo, kto, simpo 5e-7 / 5e-6 (DPO paper 1e-6; Zephyr DPO "
@@ -417,13 +421,14 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
 
     eval_fn = make_eval(cfg, val, lm, tokenizer, rd, acc.device) if val is not None else None
     result = train(net, cfg=cfg.train, rd=rd, data=data, loss_fn=loss_fn, eval_fn=eval_fn, resume=resume,
-                   label="dpo", accelerator=acc)
+                   label="dpo", accelerator=acc, guards=cfg.guards)
 
     items = result.step * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
     summary = {
         "method": cfg.method, "beta": cfg.beta_value, "adapter": cfg.adapter.method,
         "parameters": total, "trainable_parameters": trainable, "steps": result.step,
         "train_loss": result.train_loss, "best_val_loss": result.best_val_loss, "best_step": result.best_step,
+        "stopped_by": result.stopped_by,
         "pairs" if unit == "pairs" else "items": data.n,
         "validation_" + unit: val.n if val is not None else 0,
         "epochs": round(items / data.n, 3),

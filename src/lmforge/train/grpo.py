@@ -80,7 +80,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     G = cfg.group_size
     s = setup(cfg, rd, resume, stage="grpo", group=G, value_head=False, reference=cfg.beta > 0)
     with s.t:
-        while s.step < cfg.train.max_steps:
+        while s.step < cfg.train.max_steps and not s.t.stopped_early:  # a guard may stop it
             t0 = time.time()
             ro = s.rollout()  # every process holds the whole rollout; each scores and trains on its share
             t_roll = time.time() - t0

@@ -35,6 +35,7 @@ from lmforge.progress import Progress
 from lmforge.rundir import RunDir, atomic_write_json
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import fsdp
+from lmforge.train.guards import GuardConfig, Guards
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainResult:
     tokens_per_s: float
     wall_seconds: float
     train_loss: float | None
+    stopped_by: dict | None = None  # the guard that stopped the run (lmforge.train.guards)
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -185,7 +187,8 @@ class Trainer:
     """
 
     def __init__(self, model: torch.nn.Module, *, cfg: TrainConfig, rd: RunDir, resume: bool = False,
-                 label: str = "train", accelerator=None, shardable: bool = False, data: DataSource | None = None):
+                 label: str = "train", accelerator=None, shardable: bool = False, data: DataSource | None = None,
+                 guards: GuardConfig | None = None):
         acc = self.acc = accelerator or make_accelerator(cfg)
         self.cfg, self.rd, self.label, self.model = cfg, rd, label, model
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
@@ -219,6 +222,9 @@ class Trainer:
         self.resumed_from = ckpt.latest(rd.checkpoints) if resume else None
         if self.resumed_from is not None:
             self._load(self.resumed_from)
+        self.guards = Guards(guards, self.state) if guards is not None and guards.enabled else None
+        self.state = {k: v for k, v in self.state.items() if not k.startswith("guard_")}
+        self.stopped_by: dict | None = None
         self.writer = None
         if self.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -331,6 +337,8 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         """One metrics line (process 0): metrics.jsonl and TensorBoard (`<label>/<key>`)."""
+        if self.guards is not None:  # every process sees the same record: one decision (see boundary)
+            self.guards.observe(record)
         if not self.main:
             return
         self.rd.log_metrics(record)
@@ -381,6 +389,7 @@ class Trainer:
         then stop with Preempted (exit 143) if it did. A signal reaches processes at different
         steps; all stop at the same one."""
         cfg = self.cfg
+        self.check_guards()
         at_end = self.step == cfg.max_steps or self.stopped_early
         preempted = self.any_process(self._sigterm.set)
         if preempted or (cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or at_end)):
@@ -391,11 +400,31 @@ class Trainer:
                 "Re-run the same command with --resume (or re-run the recipe) to continue."
             )
 
+    def check_guards(self) -> None:
+        """Process 0's guard decisions for all: keep this step's weights as the guards' best, or stop
+        the run (logged with the values that fired it; finish() then restores that best)."""
+        if self.guards is None:
+            return
+        improved, fired = self.guards.check(self.step)
+        if self.any_process(improved and self.main):
+            _save_best(self.rd.checkpoints / "guard", self.model, self.step, {}, self.main)
+        if self.any_process(fired is not None and self.main):
+            self.stopped_early = True
+            self.stopped_by = {"guard": fired.guard, "step": self.step, "best_step": self.guards.best_step,
+                               **fired.values} if fired else {"guard": "?", "step": self.step}
+            msg = f"guard {fired.guard} stopped the run at step {self.step}: {fired.message}" if fired else ""
+            if self.main:
+                print(f"[{self.label}] {msg}; keeping the weights of step {self.guards.best_step}")
+                self.rd.log(f"{msg}; keeping the weights of step {self.guards.best_step}")
+                self.rd.log_metrics({"step": self.step, "guard": fired.guard,
+                                     **{f"guard/{k}": v for k, v in fired.values.items()}})
+
     def save_checkpoint(self) -> None:
         """Every process calls it (gathering a sharded model is collective)."""
         ckpt.save(self.rd.checkpoints, step=self.step, model=self.model, optimizer=self.optimizer,
                   scheduler=self.scheduler, state={**self.state, "best": self.best, "best_step": self.best_step,
-                                                   "bad_evals": self.bad_evals},
+                                                   "bad_evals": self.bad_evals,
+                                                   **(self.guards.state() if self.guards else {})},
                   rank=self.rank, world=self.world, is_main=self.main, barrier=self.acc.wait_for_everyone,
                   keep=self.cfg.keep_checkpoints)
         self.last_saved = self.step
@@ -407,7 +436,9 @@ class Trainer:
             self.writer.close()
             self.writer = None
         self.acc.wait_for_everyone()
-        if self.cfg.keep_best and self.best_step is not None:
+        if self.stopped_by is not None and self.guards.best_step is not None:
+            _load_best(self.rd.checkpoints / "guard", self.model, self.main)
+        elif self.cfg.keep_best and self.best_step is not None:
             _load_best(self.rd.checkpoints, self.model, self.main)
 
 
@@ -423,11 +454,12 @@ def train(
     label: str = "train",
     accelerator=None,
     shardable: bool = False,
+    guards: GuardConfig | None = None,
 ) -> TrainResult:
     """Train `model` in place for cfg.max_steps optimizer steps (or until early stopping): the
     supervised stages' loop (pretrain, sft, reward, dpo) on the shared Trainer."""
     t = Trainer(model, cfg=cfg, rd=rd, resume=resume, label=label, accelerator=accelerator, shardable=shardable,
-                data=data)
+                data=data, guards=guards)
     world, rank, device = t.world, t.rank, t.acc.device
     if eval_fn is not None and t.step == 0:
         t.evaluate(eval_fn)  # fail fast: a broken eval must not surface after an hour of training
@@ -482,5 +514,5 @@ def train(
         step=t.step, best_val_loss=None if t.best_step is None else t.best, best_step=t.best_step,
         last_eval=t.last_eval, stopped_early=t.stopped_early,
         tokens_per_s=(tokens_total + tokens_since_log * world) / max(wall, 1e-9), wall_seconds=wall,
-        train_loss=train_loss,
+        train_loss=train_loss, stopped_by=t.stopped_by,
     )

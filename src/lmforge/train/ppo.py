@@ -107,7 +107,7 @@ def run(cfg: Config, rd: RunDir, resume: bool = False) -> dict:
     s = setup(cfg, rd, resume, stage="ppo", group=1, value_head=True, reference=True)
     kl_coef = float(s.state.get("kl_coef", cfg.kl_coef))
     with s.t:
-        while s.step < cfg.train.max_steps:
+        while s.step < cfg.train.max_steps and not s.t.stopped_early:  # a guard may stop it
             t0 = time.time()
             ro = s.rollout()  # every process holds the whole rollout; each scores and trains on its share
             t_roll = time.time() - t0

@@ -64,6 +64,7 @@ from lmforge.models import cache_kwarg, context_length, output_cache
 from lmforge.rewards import Rewards, RewardSpec
 from lmforge.rundir import RunDir, atomic_write_text
 from lmforge.train import policy
+from lmforge.train.guards import GuardConfig
 from lmforge.train.loop import Trainer, make_accelerator
 
 # --------------------------------------------------------------------------------------------
@@ -114,6 +115,8 @@ class RLFields(Schema):
     sample_every: int = Field(10, ge=0, description="Write a few sample responses every N steps (0 = never).")
     samples_shown: int = Field(3, ge=1, description="Sample responses written each time (log.txt, samples.jsonl).")
     device: Device = Field(None, description="Reward model device (None = the policy's).")
+    guards: GuardConfig = Field(default_factory=GuardConfig, description="Stop the run, keeping its best weights, when "
+                                "the reward is being gamed (see lmforge.train.guards); all off by default.")
     train: TrainConfig = Field(
         default_factory=_rl_train, description="Optimiser settings; max_steps counts rollout steps (the LR schedule "
         "moves once per rollout step), batch_size x grad_accum rows per process make one optimizer step; the "
@@ -629,7 +632,7 @@ class Session:
                    "trainable_parameters": trainable, "prompts": len(self.prompts.ids),
                    "prompts_skipped_too_long": self.prompts.skipped_too_long,
                    "skipped_prompt_rows": self.prompts.read.get("skipped"),
-                   "train_seconds": round(time.time() - self.t.t_start, 2), **summary}
+                   "train_seconds": round(time.time() - self.t.t_start, 2), "stopped_by": self.t.stopped_by, **summary}
 
         def value_head(folder: Path) -> None:
             head = _unwrap(self.net).value_head
@@ -663,7 +666,7 @@ def setup(cfg: RLFields, rd: RunDir, resume: bool, *, stage: str, group: int, va
     if reference and not cfg.adapter.enabled:
         ref = PolicyValue(copy.deepcopy(lm).requires_grad_(False).eval(), value_head=False)
     net = PolicyValue(lm, value_head=value_head)
-    t = Trainer(net, cfg=cfg.train, rd=rd, resume=resume, label=stage, accelerator=acc)
+    t = Trainer(net, cfg=cfg.train, rd=rd, resume=resume, label=stage, accelerator=acc, guards=cfg.guards)
     if t.resumed_from is not None and t.main:
         _truncate_samples(rd, t.step)
     trainable, total = trainable_report(lm)
