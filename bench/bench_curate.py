@@ -2,6 +2,8 @@
 
     python bench/bench_curate.py                 # 200 MB (the reference size)
     python bench/bench_curate.py --size-mb 20    # a quick check
+    python bench/bench_curate.py --engine datatrove --workers 1 2 --size-mb 20 40
+                                                 # each size x each worker count: docs/s, peak RSS
 
 The corpus: documents of random words from a 50k-word random vocabulary (so two unplanted
 documents share essentially no 5-gram), written as JSON lines. Planted among them:
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,54 @@ def index_bytes_per_doc(n: int, num_perm: int, threshold: float) -> float:
     return (used - index.blocks[0].nbytes * len(index.blocks)) / n + 4 * num_perm
 
 
+def run_stage(cfg: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB of the largest single process) of `lmforge curate` in a fresh parent,
+    so RUSAGE_CHILDREN covers this run only (its datatrove workers included)."""
+    probe = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "sys.stderr.write(p.stderr[-3000:] if p.returncode else ''); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "lmforge.cli", "curate", str(cfg),
+                           "--out", str(out), "--force"], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"curate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.time() - t, int(proc.stdout.split()[-1]) / 1024  # KiB on Linux
+
+
+def measure(args, corpus: Path, n_docs: int, size: float, n_exact: int, kinds: dict[int, str], workers: int) -> bool:
+    """Run the stage once with `workers`; print speed, memory and dedup quality; True if the targets are met."""
+    cfg = args.out / f"curate-{workers}.yaml"
+    cfg.write_text(f"inputs: ['{corpus}/*.jsonl']\nnear_dedup: {{threshold: {args.threshold}}}\n"
+                   f"engine: {args.engine}\nworkers: {workers}\n")
+    run = args.out / f"run-{workers}"
+    wall, peak_mb = run_stage(cfg, run)
+    data = run / "data"
+    report = json.loads((data / "curation_report.json").read_text())
+
+    present: set[int] = set()
+    for shard in sorted(data.glob("*.parquet")):
+        for b in pq.ParquetFile(shard).iter_batches(columns=["text"]):
+            present.update(key_hash(dedup_key(x)) for x in b.column(0).to_pylist())
+    near_hashes = [h for h, k in kinds.items() if k == "near"]
+    tp = sum(h not in present for h in near_hashes)
+    removed = {k: v["count"] for k, v in report["removed"].items() if v["count"]}
+    near_removed = removed.get("near_duplicate", 0)
+    unique_lost = sum(h not in present for h, k in kinds.items() if k == "unique")
+    recall = tp / max(1, len(near_hashes))
+    precision = tp / max(1, near_removed)
+
+    print(f"[engine {args.engine}, {workers} worker(s), {size:.0f} MB] "
+          f"curate: {report['documents_in']} in -> {report['documents_out']} out; removed {removed}")
+    print(f"speed: {report['docs_per_s']:.0f} documents/s inside the stage ({report['seconds']:.1f} s), "
+          f"{n_docs / wall:.0f} documents/s and {size / wall:.2f} MB/s including start-up ({wall:.1f} s)")
+    print(f"peak RSS of the largest stage process (the main one or a worker): {peak_mb:.0f} MB")
+    print(f"near-dup removal at Jaccard {args.threshold}: recall {recall:.4f} ({tp}/{len(near_hashes)}), "
+          f"precision {precision:.4f} ({tp}/{near_removed}); unplanted documents lost: {unique_lost}")
+    print(f"exact duplicates removed: {removed.get('exact_duplicate', 0)} (planted {n_exact})")
+
+    return recall >= 0.95 and precision >= 0.99
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=float, default=200.0, help="Corpus size in MB of JSON lines.")
@@ -141,6 +190,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=4, help="Number of JSONL files to spread the corpus over.")
     ap.add_argument("--threshold", type=float, default=0.8, help="near_dedup.threshold.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine", choices=["local", "datatrove"], default="local", help="curate's engine.")
+    ap.add_argument("--workers", type=int, nargs="+", default=[2],
+                    help="Worker counts to run (engine: datatrove; each is one run of the stage).")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "curate", help="Work folder (emptied first).")
     ap.add_argument("--keep", action="store_true", help="Keep the corpus and the outputs.")
     args = ap.parse_args()
@@ -159,45 +211,15 @@ def main() -> None:
     print(f"planted near pairs, true Jaccard of 5-gram shingles: min {jac.min():.3f}  mean {jac.mean():.3f}  "
           f"max {jac.max():.3f}  ({int((jac < args.threshold).sum())} below {args.threshold})")
 
-    cfg = args.out / "curate.yaml"
-    cfg.write_text(f"inputs: ['{corpus}/*.jsonl']\nnear_dedup: {{threshold: {args.threshold}}}\n")
-    t = time.time()
-    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "curate", str(cfg), "--out", str(args.out / "run"),
-                           "--force"], capture_output=True, text=True)
-    wall = time.time() - t
-    if proc.returncode:
-        sys.exit(f"curate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
-    data = args.out / "run" / "data"
-    report = json.loads((data / "curation_report.json").read_text())
-
-    present: set[int] = set()
-    for shard in sorted(data.glob("*.parquet")):
-        for b in pq.ParquetFile(shard).iter_batches(columns=["text"]):
-            present.update(key_hash(dedup_key(x)) for x in b.column(0).to_pylist())
-    near_hashes = [h for h, k in kinds.items() if k == "near"]
-    tp = sum(h not in present for h in near_hashes)
-    removed = {k: v["count"] for k, v in report["removed"].items() if v["count"]}
-    near_removed = removed.get("near_duplicate", 0)
-    unique_lost = sum(h not in present for h, k in kinds.items() if k == "unique")
-    recall = tp / max(1, len(near_hashes))
-    precision = tp / max(1, near_removed)
-
-    print(f"curate: {report['documents_in']} in -> {report['documents_out']} out; removed {removed}")
-    print(f"speed: {report['docs_per_s']:.0f} documents/s inside the stage ({report['seconds']:.1f} s), "
-          f"{n_docs / wall:.0f} documents/s and {size / wall:.2f} MB/s including start-up ({wall:.1f} s)")
-    print(f"peak RSS of the stage process: {peak_mb:.0f} MB")
-    print(f"near-dup removal at Jaccard {args.threshold}: recall {recall:.4f} ({tp}/{len(near_hashes)}), "
-          f"precision {precision:.4f} ({tp}/{near_removed}); unplanted documents lost: {unique_lost}")
-    print(f"exact duplicates removed: {removed.get('exact_duplicate', 0)} (planted {n_exact})")
-
+    ok = True
+    for workers in args.workers:
+        ok &= measure(args, corpus, n_docs, size, n_exact, kinds, workers)
     sample = [x for pair in near_pairs[:300] for x in pair][:500]
     fast, naive = reference_speed(sample, 128, 5)
     print(f"MinHash of {len(sample)} docs: stage {fast * 1e3:.0f} ms vs naive datasketch per doc "
           f"{naive * 1e3:.0f} ms -> {naive / max(fast, 1e-9):.1f}x faster")
     per_doc = index_bytes_per_doc(20_000, 128, args.threshold)
     print(f"near-dedup index memory: {per_doc:.0f} bytes per kept document (LSH tables + 512 B signature)")
-    ok = recall >= 0.95 and precision >= 0.99
     print("targets (recall >= 0.95, precision >= 0.99):", "met" if ok else "NOT met")
     if not args.keep:
         shutil.rmtree(args.out)
