@@ -164,3 +164,23 @@ def test_teacher_rows_line_up_with_the_supervised_labels_in_every_batching(tmp_p
         b = data.batch(start, 3)
         labels = b["labels"][b["labels"] != IGNORE]
         assert torch.equal(b["teacher_idx"][:, 0], labels) and b["teacher_idx"].shape == (b["n"], 2)
+
+
+def test_sigkilled_run_resumes_bitwise_with_the_teacher_cache_reused(tmp_path, student_dir, teacher_dir, train_file):
+    import random
+
+    from safetensors.torch import load_file
+
+    from .conftest import assert_bitwise_equal, sigkill_after_checkpoint
+
+    cfg = config(train_file, student_dir, teacher_dir, divergence="reverse_kl", batching="pack",
+                 train={"max_steps": 16, "batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 2})
+    run(tmp_path, cfg, "ref")
+    path = write_yaml(tmp_path / "k.yaml", cfg)
+    out = tmp_path / "killed"
+    killed_at = sigkill_after_checkpoint("distill", path, out, random.Random().randint(2, 12))
+    assert int(killed_at.name[5:]) < 16
+    m = run_single("distill", str(path), [], out=str(out), force=False, resume=True, echo=lambda *a: None)
+    assert m["status"] == "complete" and m["summary"]["teacher_cache"] == "reused"
+    assert_bitwise_equal(load_file(str(tmp_path / "ref" / "model" / "model.safetensors")),
+                         load_file(str(out / "model" / "model.safetensors")))
