@@ -383,6 +383,25 @@ def estimate_cmd(
     print(json.dumps([e.as_dict() for e in found], indent=2, default=str) if as_json else render(found))
 
 
+@app.command("check-data")
+def check_data_cmd(
+    stage: str = typer.Argument(..., help="The stage the data is for: sft, distill, dpo or reward."),
+    files: str = typer.Argument(..., help="Data file, glob or folder, as the stage's `data` takes it."),
+    tokenizer: Optional[str] = typer.Option(None, help="Render the example with this tokenizer's chat template "
+                                            "(a tokenizer or model folder); default: lmforge's template."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """What a stage will make of a data file, before any model loads: each row's detected format,
+    what will be trained on, skipped rows with reasons, and a rendered example."""
+    import json
+
+    from lmforge.check_data import check, render_text
+    from lmforge.data.tokenizer import load_tokenizer
+
+    r = check(stage, files, tokenizer=load_tokenizer(tokenizer) if tokenizer else None)
+    print(json.dumps(r, indent=2) if as_json else render_text(r))
+
+
 @app.command("schema")
 def schema_cmd(stage: str = typer.Argument(..., help="Stage type, e.g. pretrain.")) -> None:
     """Print every config key of a stage with its type, default and description."""
@@ -392,17 +411,39 @@ def schema_cmd(stage: str = typer.Argument(..., help="Stage type, e.g. pretrain.
     _print_schema(module.Config, "")
 
 
-def _print_schema(model, prefix: str) -> None:
+def _print_schema(model, prefix: str, seen: tuple = ()) -> None:
+    """Every field, nested ones too: a sub-config as `a.b`, a list of them (eval tasks, rewards)
+    as `a[].b`, a mapping as `a{}.b`, an optional one (adapter, retrieval) as `a.b`."""
     from pydantic import BaseModel
 
     for name, f in model.model_fields.items():
         ann = f.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            _print_schema(ann, f"{prefix}{name}.")
+            _print_schema(ann, f"{prefix}{name}.", seen + (model,))
             continue
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         tname = getattr(ann, "__name__", str(ann)).replace("typing.", "")
         print(f"{prefix}{name}  ({tname}, default {default})\n    {f.description or ''}")
+        for mark, sub in _nested_models(ann):
+            if sub not in seen and sub is not model:  # a recursive schema is listed once
+                _print_schema(sub, f"{prefix}{name}{mark}.", seen + (model,))
+
+
+def _nested_models(ann) -> list[tuple[str, type]]:
+    """The pydantic models inside a list[...] / dict[..., ...] / union annotation, with the mark
+    that shows how they nest ("[]" an item of a list, "{}" a value of a mapping, "" an option)."""
+    from typing import get_args, get_origin
+
+    from pydantic import BaseModel
+
+    origin, out = get_origin(ann), []
+    mark = "[]" if origin in (list, tuple, set) else "{}" if origin is dict else ""
+    for a in get_args(ann)[1:] if origin is dict else get_args(ann):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            out.append((mark, a))
+        else:
+            out += [(mark + m, t) for m, t in _nested_models(a)]
+    return out
 
 
 def main() -> None:
