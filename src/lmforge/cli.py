@@ -446,7 +446,28 @@ def _nested_models(ann) -> list[tuple[str, type]]:
     return out
 
 
+def quiet_third_party() -> None:
+    """Third-party noise off (lmforge's own progress and messages stay): the bitsandbytes note about
+    its optional kernel package, transformers/peft/torch deprecation and advice warnings, and the
+    loading/saving progress bars. `--verbose` (anywhere on the line) or LMFORGE_VERBOSE=1 keeps them."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("bitsandbytes", "transformers", "peft", "accelerate", "huggingface_hub", "datasets", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for module in ("transformers", "peft", "torch", "accelerate", "bitsandbytes", "huggingface_hub", "datasets"):
+        warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+
+
 def main() -> None:
+    if "--verbose" in sys.argv[1:]:
+        sys.argv.remove("--verbose")
+        os.environ["LMFORGE_VERBOSE"] = "1"  # child processes (torchrun) keep it
+    if os.environ.get("LMFORGE_VERBOSE") != "1":
+        quiet_third_party()
     try:
         app(standalone_mode=False)
     except Preempted as e:

@@ -314,13 +314,14 @@ def _run_stage(st: PlannedStage, *, force: bool, resume: bool, echo, keep_checkp
         echo(f"[{st.name}] unchanged since the last run, skipped (use --force to re-run).")
         return m
     same_inputs = bool(m) and m.get("input_hash") == h
+    afresh = None
     if force or not resume or (m and not same_inputs):
         # Changed inputs: the old checkpoints belong to another configuration.
         why = "--force" if force else ("no --resume" if same_inputs else "inputs or config changed")
         if m and keep_checkpoints and not force:
             refuse_to_drop_checkpoints(st.rd, same_inputs)
-        if m:
-            echo(f"[{st.name}] {why}: starting this stage afresh.")
+        if m:  # said once the stage ran: before a config or data error it would only mislead
+            afresh = f"{why}: started this stage afresh"
             if main:  # only a folder lmforge made (it has a manifest) is ever emptied
                 st.rd.fresh_start(getattr(st.module, "KEEP", ()))
     if main:
@@ -347,7 +348,7 @@ def _run_stage(st: PlannedStage, *, force: bool, resume: bool, echo, keep_checkp
         summary=summary,
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-    echo(f"[{st.name}] done in {wall:.1f}s -> {st.rd.artifact}")
+    echo(f"[{st.name}] done in {wall:.1f}s -> {st.rd.artifact}" + (f" ({afresh})" if afresh else ""))
     return st.rd.manifest() or {}
 
 
